@@ -1,0 +1,6 @@
+"""The op layer: the only place that registers ``torch.ops.pllm.*``, validates arguments and picks a backend."""
+
+from pllm_kernels.ops.lora import lora_apply, lora_expand, lora_shrink, shrink_out_shape
+from pllm_kernels.ops.meta import LoRAMeta
+
+__all__ = ["LoRAMeta", "lora_apply", "lora_expand", "lora_shrink", "shrink_out_shape"]

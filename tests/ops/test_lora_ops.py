@@ -1,0 +1,154 @@
+"""torch.ops.pllm.lora_* on the CPU path: numerics vs the float64 reference, opcheck, torch.compile, bad input."""
+
+import pytest
+import torch
+
+from lora_cases import make_case
+from pllm_kernels.batch import build_lora_meta
+from pllm_kernels.ops import lora as ops
+from pllm_kernels.reference.lora import lora_apply_ref, lora_expand_ref, lora_shrink_ref
+from utils import assert_close
+
+CASES = [
+    dict(T=1, h_in=16, slice_sizes=(8,), ranks=(4,), max_rank=4),
+    dict(T=9, h_in=111, slice_sizes=(24, 8, 8), ranks=(8, 1, 16, 64), max_rank=64, K=2),
+    dict(T=33, h_in=64, slice_sizes=(40, 40), ranks=tuple([1, 8, 16, 64] * 8 + [8]), max_rank=64),
+    dict(T=20, h_in=32, slice_sizes=(16,), ranks=(8, 8), max_rank=8, none_frac=1.0),
+    dict(T=17, h_in=2049, slice_sizes=(5,), ranks=(1, 8), max_rank=8, x_noncontig=True, y_noncontig=True),
+]
+
+
+def ref_apply(c):
+    y = c.y.double().clone()
+    return lora_apply_ref(y, c.x.double(), c.lora_a.double(), c.lora_b.double(), c.token_slots, c.token_weights,
+                          c.slot_ranks, c.slot_scales, c.slice_sizes)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("case", range(len(CASES)))
+def test_apply_matches_reference(case, dtype):
+    c = make_case(dtype=dtype, seed=case, **CASES[case])
+    y0, expected = c.y.clone(), ref_apply(c)
+    y = ops.lora_apply(c.y, c.x, c.lora_a, c.lora_b, c.slot_ranks, c.slot_scales, c.meta, c.slice_sizes)
+    assert y is c.y
+    assert_close(y, expected, dtype, msg=f"case {case}")
+    untouched = (c.token_slots < 0).all(dim=1)
+    assert torch.equal(y[untouched], y0[untouched])
+
+
+@pytest.mark.parametrize("case", range(len(CASES)))
+def test_shrink_expand_match_reference(case):
+    c = make_case(seed=10 + case, **CASES[case])
+    v = ops.lora_shrink(c.x, c.lora_a, c.slot_ranks, c.meta)
+    v_ref = lora_shrink_ref(c.x.double(), c.lora_a.double(), c.token_slots, c.slot_ranks)
+    assert_close(v, v_ref, torch.float32)
+    y0 = c.y.double().clone()
+    y = ops.lora_expand(c.y, v, c.lora_b, c.slot_ranks, c.slot_scales, c.meta, c.slice_sizes)
+    y_ref = lora_expand_ref(y0, v_ref, c.lora_b.double(), c.token_slots, c.token_weights,
+                            c.slot_ranks, c.slot_scales, c.slice_sizes)
+    assert_close(y, y_ref, torch.float32)
+
+
+def test_shrink_out_buffer_is_reused():
+    c = make_case(T=5, K=2)
+    out = torch.full(ops.shrink_out_shape(c.x, c.lora_a, c.meta), 123.0)
+    v = ops.lora_shrink(c.x, c.lora_a, c.slot_ranks, c.meta, out=out)
+    assert v is out
+    assert_close(v, lora_shrink_ref(c.x.double(), c.lora_a.double(), c.token_slots, c.slot_ranks), torch.float32)
+
+
+def _op_args(c):
+    m = c.meta
+    return m, (m.token_slots, m.token_weights, m.sorted_pairs, m.seg_slot, m.seg_start, m.seg_len)
+
+
+def test_opcheck():
+    c = make_case(T=6, h_in=8, slice_sizes=(4, 2), ranks=(2, 1, 3), max_rank=4, K=2)
+    m, (ts, tw, sp, ss, st, sl) = _op_args(c)
+    v = torch.zeros(2, 12, 4)
+    torch.library.opcheck(torch.ops.pllm.lora_shrink.default,
+                          (v, c.x, c.lora_a, c.slot_ranks, ts, sp, ss, st, sl, m.chunk))
+    torch.library.opcheck(torch.ops.pllm.lora_expand.default,
+                          (c.y.clone(), v.normal_(), c.lora_b, c.slot_ranks, c.slot_scales, ts, tw, sp, ss, st, sl,
+                           [4, 2], m.chunk))
+    torch.library.opcheck(torch.ops.pllm.lora_apply.default,
+                          (c.y.clone(), c.x, c.lora_a, c.lora_b, c.slot_ranks, c.slot_scales, ts, tw, sp, ss, st, sl,
+                           [4, 2], m.chunk))
+
+
+def test_torch_compile_fullgraph():
+    c = make_case(T=8, h_in=16, slice_sizes=(8, 4), ranks=(2, 4), max_rank=4, K=2)
+
+    def layer(x, y, meta):
+        y = y + 0.0  # a real graph around the op
+        ops.lora_apply(y, x, c.lora_a, c.lora_b, c.slot_ranks, c.slot_scales, meta, c.slice_sizes)
+        return y * 2.0
+
+    compiled = torch.compile(layer, fullgraph=True, backend="inductor")
+    eager = layer(c.x, c.y, c.meta)
+    got = compiled(c.x, c.y, c.meta)
+    assert_close(got, eager, torch.float32)
+    # new routing, same shapes: no stale result
+    meta2 = build_lora_meta(torch.randint(-1, 2, (8, 2)), 2, chunk=c.meta.chunk)
+    assert_close(compiled(c.x, c.y, meta2), layer(c.x, c.y, meta2), torch.float32)
+
+
+# ------------------------------------------------------------------------------------------- bad input
+def _apply(c, **over):
+    kw = dict(y=c.y, x=c.x, lora_a=c.lora_a, lora_b=c.lora_b, slot_ranks=c.slot_ranks, slot_scales=c.slot_scales,
+              meta=c.meta, slice_sizes=c.slice_sizes)
+    kw.update(over)
+    return ops.lora_apply(**kw)
+
+
+@pytest.fixture
+def case():
+    return make_case(T=5, h_in=8, slice_sizes=(4,), ranks=(2, 4), max_rank=4)
+
+
+@pytest.mark.parametrize(
+    "override,arg",
+    [
+        (lambda c: dict(meta=build_lora_meta(torch.tensor([[0], [2], [1], [0], [0]]), 2)), "token_slots"),
+        (lambda c: dict(meta=build_lora_meta(torch.tensor([[0], [-3], [1], [0], [0]]), 2)), "token_slots"),
+        (lambda c: dict(slot_ranks=torch.tensor([2, 5], dtype=torch.int32)), "slot_ranks"),
+        (lambda c: dict(slot_ranks=torch.tensor([2, -1], dtype=torch.int32)), "slot_ranks"),
+        (lambda c: dict(slot_ranks=torch.tensor([2, 4])), "slot_ranks"),  # int64
+        (lambda c: dict(slot_scales=torch.tensor([1.0, float("nan")])), "slot_scales"),
+        (lambda c: dict(slot_scales=torch.tensor([1.0, float("inf")])), "slot_scales"),
+        (lambda c: dict(x=c.x.half()), "lora_a"),
+        (lambda c: dict(x=c.x[:, :7]), "lora_a"),
+        (lambda c: dict(x=c.x[:4]), "y"),
+        (lambda c: dict(y=c.y[:, :3]), "y"),
+        (lambda c: dict(lora_b=c.lora_b[:, :, :3]), "lora_b"),
+        (lambda c: dict(lora_b=c.lora_b[:1]), "lora_b"),
+        (lambda c: dict(slice_sizes=[2, 1]), "slice_sizes"),
+        (lambda c: dict(slice_sizes=[3, 1]), "slice_sizes"),
+        (lambda c: dict(lora_a=c.lora_a[0]), "lora_a"),
+        (lambda c: dict(x=c.x.int()), "x"),
+        (lambda c: dict(meta=build_lora_meta(torch.zeros(5, 1, dtype=torch.int32), 3)), "meta"),
+        (lambda c: dict(meta=build_lora_meta(torch.zeros(4, 1, dtype=torch.int32), 2)), "meta"),
+        (lambda c: dict(meta=None), "meta"),
+    ],
+)
+def test_bad_input_names_argument(case, override, arg):
+    with pytest.raises(ValueError, match=rf"^{arg}"):
+        _apply(case, **override(case))
+
+
+def test_bad_shrink_and_expand_inputs(case):
+    with pytest.raises(ValueError, match="^out"):
+        ops.lora_shrink(case.x, case.lora_a, case.slot_ranks, case.meta, out=torch.zeros(1, 5, 3))
+    with pytest.raises(ValueError, match="^out"):
+        ops.lora_shrink(case.x, case.lora_a, case.slot_ranks, case.meta, out=torch.zeros(1, 5, 4, dtype=torch.half))
+    v = ops.lora_shrink(case.x, case.lora_a, case.slot_ranks, case.meta)
+    with pytest.raises(ValueError, match="^v"):
+        ops.lora_expand(case.y, v[:, :3], case.lora_b, case.slot_ranks, case.slot_scales, case.meta)
+    with pytest.raises(ValueError, match="^v"):
+        ops.lora_expand(case.y, v.half(), case.lora_b, case.slot_ranks, case.slot_scales, case.meta)
+
+
+def test_device_mismatch_names_argument(case):
+    meta_dev = torch.device("meta")
+    with pytest.raises(ValueError, match="^lora_a"):
+        _apply(case, lora_a=case.lora_a.to(meta_dev))
