@@ -80,7 +80,9 @@ def lora_expand_ref(
     slot_scales: torch.Tensor,
     slice_sizes: Sequence[int] | None = None,
 ) -> torch.Tensor:
-    """Expand: ``y[t, off_s:off_s+n_s] += sum_k w[t,k] * scale[slot] * v[s, k*T+t, :r] @ lora_b[slot, off_s:off_s+n_s, :r].T``.
+    """Expand: ``y[t, off_s:off_s+n_s] += sum_k w[t,k] * scale[slot] * v[s, k*T+t, :r] @ B_s[slot, :, :r].T``.
+
+    (``B_s = lora_b[:, off_s:off_s+n_s]``.)
 
     Args: y ``(T, sum(slice_sizes))`` (updated in place and returned); v ``(S, K*T, R)``;
     lora_b ``(L, sum(slice_sizes), R)``; token_slots/token_weights ``(T, K)``; slot_ranks, slot_scales ``(L,)``;

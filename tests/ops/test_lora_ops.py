@@ -2,12 +2,12 @@
 
 import pytest
 import torch
-
 from lora_cases import make_case
+from utils import assert_close
+
 from pllm_kernels.batch import build_lora_meta
 from pllm_kernels.ops import lora as ops
 from pllm_kernels.reference.lora import lora_apply_ref, lora_expand_ref, lora_shrink_ref
-from utils import assert_close
 
 CASES = [
     dict(T=1, h_in=16, slice_sizes=(8,), ranks=(4,), max_rank=4),

@@ -1,10 +1,10 @@
 """The spec checked against an independent dense formulation (per-token merged weights, W_eff = W + s*B@A)."""
 
 import torch
-
 from lora_cases import make_case
-from pllm_kernels.reference.lora import lora_apply_ref, lora_shrink_ref
 from utils import assert_close
+
+from pllm_kernels.reference.lora import lora_apply_ref, lora_shrink_ref
 
 
 def dense_delta(c):
