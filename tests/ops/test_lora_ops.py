@@ -152,3 +152,24 @@ def test_device_mismatch_names_argument(case):
     meta_dev = torch.device("meta")
     with pytest.raises(ValueError, match="^lora_a"):
         _apply(case, lora_a=case.lora_a.to(meta_dev))
+
+
+# ------------------------------------------------------------------------------------------- triton via the op
+@pytest.mark.interpreter
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("case", range(len(CASES)))
+def test_apply_triton_backend_through_op(case, dtype, monkeypatch):
+    """PLLM_BACKEND=triton routes the registered op to the Triton launchers (run under TRITON_INTERPRET=1)."""
+    from pllm_kernels.triton import lora as tl_lora
+
+    calls = []
+    real = tl_lora.lora_apply_triton
+    monkeypatch.setattr(tl_lora, "lora_apply_triton", lambda *a, **k: calls.append(1) or real(*a, **k))
+    monkeypatch.setenv("PLLM_BACKEND", "triton")
+    c = make_case(dtype=dtype, seed=20 + case, **CASES[case])
+    y0, expected = c.y.clone(), ref_apply(c)
+    ops.lora_apply(c.y, c.x, c.lora_a, c.lora_b, c.slot_ranks, c.slot_scales, c.meta, c.slice_sizes)
+    assert calls, "the Triton launcher was not called"
+    assert_close(c.y, expected, dtype, msg=f"case {case}")
+    untouched = (c.token_slots < 0).all(dim=1)
+    assert torch.equal(c.y[untouched], y0[untouched])

@@ -1,0 +1,613 @@
+"""Triton kernels for batched multi-LoRA: shrink, expand and fused shrink+expand.
+
+Semantics: :mod:`pllm_kernels.reference.lora` (the spec). Routing metadata: :class:`pllm_kernels.ops.meta.LoRAMeta`.
+Shapes: ``x (T, h_in)``, ``lora_a (L, S, R, h_in)``, ``lora_b (L, N_total, R)``, ``v (S, K*T, R)`` float32 with
+pair row ``p = k*T + t``, ``y (T, N_total)`` with slice ``s`` owning columns ``off_s : off_s + slice_sizes[s]``.
+
+Kernels (all accumulate in fp32; stacked weights + index arithmetic, no pointer tables):
+
+* ``_lora_shrink_sgmv_kernel``  segmented (SGMV, Punica; chunked like SGLang csgmv): one program per
+  (chunk of one slot, N tile, K split). x rows are gathered through ``sorted_pairs`` (``t = p - k*T``), never
+  permuted. **Multi-slice**: the combined output index ``n in [0, rank*S)`` is ``(slice n % S, rank row n // S)``
+  so one N tile covers all S slices and the x tile is read once for all of them (vLLM re-reads x per slice).
+  N tiles at or beyond ``rank*S`` exit at once, so a rank-8 slot of an R=64 buffer does 1/8 of the work and
+  bytes (vLLM pads to max rank). **Split-K** (fp32 ``atomic_add`` into the zeroed output) when the grid would
+  not fill the GPU (SGLang #26962, Punica).
+* ``_lora_shrink_bgmv_kernel``  gather (BGMV, Punica/vLLM V1 token-level): one program per (pair, N tile,
+  K split), slot looked up per token, no sorting. CUDA-core FMA + reduction: M = 1 cannot use tensor cores.
+* ``_lora_expand_sgmv_kernel``  segmented expand (SGMV): one program per (chunk, N tile) of one k column,
+  launched once per k column: the chunks of one column never touch a token twice, so the read-modify-write of
+  ``y`` is race-free without atomics. The rank loop stops at the slot's rank. v is cast to the weight dtype
+  before ``tl.dot`` like vLLM (fp16/bf16 tensor-core mma at full rate; the bf16/fp16 rounding of v is of the
+  same order as the weights' own rounding and is accumulated in fp32); fp32 weights keep fp32 v with
+  ``input_precision="ieee"``.
+* ``_lora_expand_bgmv_kernel``  gather expand for decode: one program per (token, N tile), the token's K slots
+  summed in registers (one deterministic read-modify-write of y), v kept in fp32.
+* ``_lora_fused_kernel``  shrink + expand in one kernel for small token counts (vLLM PR #38432 idea): one
+  program per (token, N split); it computes v for all K slots and S slices into registers (v never leaves
+  them), then streams its share of B tiles. Each program re-reads A (from L2), which bounds its use to
+  small ``T`` (see :func:`choose_path`).
+
+Slices of different widths (GQA q/k/v) are handled by mapping a flat tile index onto (slice, tile in slice)
+through scalar tile starts (up to ``_MAX_SLICES`` per launch; more slices are launched in groups), so no tile
+straddles two slices. Tokens with no adapter (slot < 0 or >= num_slots) are never loaded nor stored.
+Host side: no ``.item()`` / ``.tolist()`` on device tensors; grids depend only on shapes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = [
+    "LORA_CONFIGS",
+    "aot_variants",
+    "choose_path",
+    "lora_apply_triton",
+    "lora_expand_triton",
+    "lora_shrink_triton",
+]
+
+# ----------------------------------------------------------------------------------------------------------------
+# Production launch configurations: the ONLY source of block sizes, read by the launchers and by
+# tests/triton/test_lora_aot.py (which compiles every entry for sm_80 and sm_90).
+# SGMV kernels use BLOCK_M = the metadata chunk (16 / 32 / 64, batch.choose_chunk).
+# ----------------------------------------------------------------------------------------------------------------
+LORA_CONFIGS: dict[str, dict[str, int]] = {
+    # x tile (chunk x 64) read once for all slices; rank*S <= 64 (r16 x qkv) is a single N tile.
+    # 8 warps at BLOCK_M = 64 keep the gathered-row pointers and the accumulator out of local memory.
+    "shrink_sgmv": {"BLOCK_N": 64, "BLOCK_K": 64, "num_warps": 4, "num_warps_m64": 8, "num_stages": 3},
+    # 128 contiguous h_in elements per A row = 256 B fp16 loads; 32x128 fp32 partials = 32 regs/thread.
+    "shrink_bgmv": {"BLOCK_N": 32, "BLOCK_K": 128, "num_warps": 4, "num_stages": 2},
+    # chunk x 128 fp32 accumulator; rank loop in steps of 16 (the minimum tl.dot K) stops at the slot rank.
+    "expand_sgmv": {"BLOCK_N": 128, "BLOCK_R": 16, "num_warps": 4, "num_warps_m64": 8, "num_stages": 2},
+    # 128 output columns x 32 rank columns per step: 64 B contiguous per B row (fp16).
+    "expand_bgmv": {"BLOCK_N": 128, "BLOCK_R": 32, "num_warps": 4, "num_stages": 2},
+    # register tiles of FUSED_TILE elements: BLOCK_K = BLOCK_N = FUSED_TILE // BLOCK_SR (>= 16),
+    # BLOCK_SR = next_pow2(max_rank * S) <= FUSED_MAX_SR.
+    "fused": {"FUSED_TILE": 4096, "num_warps": 4, "num_stages": 1},
+}
+SGMV_CHUNKS = (16, 32, 64)  # BLOCK_M values that run in production (batch.choose_chunk)
+BGMV_MAX_PAIRS = 64  # auto: T*K <= this -> BGMV gather kernels (decode), else SGMV (prefill)
+FUSED_MAX_PAIRS = 8  # auto: T*K <= this -> fused kernel for lora_apply (when FUSED_MAX_SR / S allow)
+FUSED_MAX_SR = 256  # fused kernel keeps v as (K, next_pow2(R*S)) fp32 registers; beyond this, BGMV
+FUSED_MAX_A_BYTES = 128 * 1024  # fused kernel: each program reads one slot's whole A (R*S*h_in) on one SM
+MAX_SPLIT_K = 16
+DEFAULT_NUM_SMS = 132  # H100 SXM; used when no GPU is present (interpreter, AOT)
+_MAX_SLICES = 4  # slices per expand/fused launch (qkv = 3, gate_up = 2); more are launched in groups
+_NO_TILE = 1 << 30  # tile start of an unused slice
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Kernels
+# ----------------------------------------------------------------------------------------------------------------
+@triton.jit
+def _tile_slice(j, off0, off1, off2, off3, size0, size1, size2, size3, ts1, ts2, ts3):
+    """Flat tile index ``j`` -> (slice in group, first column of the slice, slice width, tile index in slice)."""
+    s = (j >= ts1).to(tl.int32) + (j >= ts2).to(tl.int32) + (j >= ts3).to(tl.int32)
+    off = tl.where(s == 0, off0, tl.where(s == 1, off1, tl.where(s == 2, off2, off3)))
+    size = tl.where(s == 0, size0, tl.where(s == 1, size1, tl.where(s == 2, size2, size3)))
+    tstart = tl.where(s == 0, 0, tl.where(s == 1, ts1, tl.where(s == 2, ts2, ts3)))
+    return s, off, size, j - tstart
+
+
+@triton.jit
+def _lora_shrink_sgmv_kernel(
+    x_ptr, a_ptr, ranks_ptr, pairs_ptr, seg_slot_ptr, seg_start_ptr, seg_len_ptr, out_ptr,
+    T, H, num_slots, max_rank, G, split_k,
+    sxt, sxh, sa0, sa1, sa2, sa3, sp, sg0, sg1, so0, so1, so2,
+    S: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    ATOMIC: tl.constexpr,
+):
+    """SGMV shrink. Grid ``(K*G chunks, cdiv(R*S, BLOCK_N), split_k)``; writes ``out[s, p, i]`` (fp32)."""
+    pid_seg = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    kc = pid_seg // G
+    g = pid_seg - kc * G
+    seg = kc * sg0 + g * sg1
+    slot = tl.load(seg_slot_ptr + seg)
+    if (slot < 0) | (slot >= num_slots):
+        return
+    rank = tl.minimum(tl.maximum(tl.load(ranks_ptr + slot).to(tl.int32), 0), max_rank)
+    n_used = rank * S
+    if pid_n * BLOCK_N >= n_used:
+        return
+    start = tl.load(seg_start_ptr + seg)
+    length = tl.load(seg_len_ptr + seg)
+    offs_m = tl.arange(0, BLOCK_M)
+    pos = start + offs_m
+    m_ok = (offs_m < length) & (pos >= 0) & (pos < T * (kc + 1)) & (pos >= T * kc)
+    p = tl.load(pairs_ptr + pos * sp, mask=m_ok, other=0)
+    t = p - kc * T
+    m_ok = m_ok & (t >= 0) & (t < T)
+    t = tl.where(m_ok, t, 0)
+    p = tl.where(m_ok, p, 0)
+
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < n_used
+    s_idx = offs_n % S
+    i_idx = offs_n // S
+    a_rows = a_ptr + slot.to(tl.int64) * sa0 + s_idx * sa1 + i_idx * sa2  # (BLOCK_N,) row starts of A
+    x_rows = x_ptr + t.to(tl.int64) * sxt  # (BLOCK_M,)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(pid_k * BLOCK_K, H, BLOCK_K * split_k):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        k_ok = offs_k < H
+        xt = tl.load(x_rows[:, None] + offs_k[None, :] * sxh, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+        at = tl.load(a_rows[None, :] + offs_k[:, None] * sa3, mask=n_ok[None, :] & k_ok[:, None], other=0.0)
+        acc = tl.dot(xt.to(at.dtype), at, acc, input_precision="ieee")
+    ptrs = out_ptr + p.to(tl.int64)[:, None] * so1 + (s_idx * so0 + i_idx * so2)[None, :]
+    mask = m_ok[:, None] & n_ok[None, :]
+    if ATOMIC:
+        tl.atomic_add(ptrs, acc, mask=mask)
+    else:
+        tl.store(ptrs, acc, mask=mask)
+
+
+@triton.jit
+def _lora_shrink_bgmv_kernel(
+    x_ptr, a_ptr, ranks_ptr, slots_ptr, out_ptr,
+    T, H, num_slots, max_rank, split_k,
+    sxt, sxh, sa0, sa1, sa2, sa3, sst, ssk, so0, so1, so2,
+    S: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ATOMIC: tl.constexpr,
+):
+    """BGMV shrink. Grid ``(K*T pairs, cdiv(R*S, BLOCK_N), split_k)``; one token-slot pair per program."""
+    p = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    kc = p // T
+    t = p - kc * T
+    slot = tl.load(slots_ptr + t * sst + kc * ssk)
+    if (slot < 0) | (slot >= num_slots):
+        return
+    rank = tl.minimum(tl.maximum(tl.load(ranks_ptr + slot).to(tl.int32), 0), max_rank)
+    n_used = rank * S
+    if pid_n * BLOCK_N >= n_used:
+        return
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < n_used
+    s_idx = offs_n % S
+    i_idx = offs_n // S
+    a_rows = a_ptr + slot.to(tl.int64) * sa0 + s_idx * sa1 + i_idx * sa2
+    x_row = x_ptr + t.to(tl.int64) * sxt
+    acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    for k0 in range(pid_k * BLOCK_K, H, BLOCK_K * split_k):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        k_ok = offs_k < H
+        xv = tl.load(x_row + offs_k * sxh, mask=k_ok, other=0.0).to(tl.float32)
+        at = tl.load(a_rows[:, None] + offs_k[None, :] * sa3, mask=n_ok[:, None] & k_ok[None, :], other=0.0)
+        acc += at.to(tl.float32) * xv[None, :]
+    v = tl.sum(acc, axis=1)
+    ptrs = out_ptr + s_idx * so0 + p.to(tl.int64) * so1 + i_idx * so2
+    if ATOMIC:
+        tl.atomic_add(ptrs, v, mask=n_ok)
+    else:
+        tl.store(ptrs, v, mask=n_ok)
+
+
+@triton.jit
+def _lora_expand_sgmv_kernel(
+    y_ptr, v_ptr, b_ptr, ranks_ptr, scales_ptr, w_ptr, pairs_ptr, seg_slot_ptr, seg_start_ptr, seg_len_ptr,
+    T, num_slots, max_rank, kc, s_base,
+    off0, off1, off2, off3, size0, size1, size2, size3, ts1, ts2, ts3,
+    syt, syn, sv0, sv1, sv2, sb0, sb1, sb2, swt, swk, sp, sg0, sg1,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    """SGMV expand of k column ``kc``. Grid ``(G chunks, total N tiles of the slice group)``."""
+    g = tl.program_id(0)
+    j = tl.program_id(1)
+    seg = kc * sg0 + g * sg1
+    slot = tl.load(seg_slot_ptr + seg)
+    if (slot < 0) | (slot >= num_slots):
+        return
+    rank = tl.minimum(tl.maximum(tl.load(ranks_ptr + slot).to(tl.int32), 0), max_rank)
+    if rank == 0:
+        return
+    s, off, size, jt = _tile_slice(j, off0, off1, off2, off3, size0, size1, size2, size3, ts1, ts2, ts3)
+    start = tl.load(seg_start_ptr + seg)
+    length = tl.load(seg_len_ptr + seg)
+    offs_m = tl.arange(0, BLOCK_M)
+    pos = start + offs_m
+    m_ok = (offs_m < length) & (pos >= T * kc) & (pos < T * (kc + 1))
+    p = tl.load(pairs_ptr + pos * sp, mask=m_ok, other=0)
+    t = p - kc * T
+    m_ok = m_ok & (t >= 0) & (t < T)
+    t = tl.where(m_ok, t, 0)
+    p = tl.where(m_ok, p, 0)
+    coef = tl.load(w_ptr + t * swt + kc * swk, mask=m_ok, other=0.0) * tl.load(scales_ptr + slot)
+
+    offs_n = jt * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < size
+    cols = off + offs_n
+    v_rows = v_ptr + (s_base + s).to(tl.int64) * sv0 + p.to(tl.int64) * sv1  # (BLOCK_M,)
+    b_cols = b_ptr + slot.to(tl.int64) * sb0 + cols.to(tl.int64) * sb1  # (BLOCK_N,)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for i0 in range(0, rank, BLOCK_R):
+        offs_r = i0 + tl.arange(0, BLOCK_R)
+        r_ok = offs_r < rank
+        vt = tl.load(v_rows[:, None] + offs_r[None, :] * sv2, mask=m_ok[:, None] & r_ok[None, :], other=0.0)
+        bt = tl.load(b_cols[None, :] + offs_r[:, None] * sb2, mask=r_ok[:, None] & n_ok[None, :], other=0.0)
+        acc = tl.dot(vt.to(bt.dtype), bt, acc, input_precision="ieee")
+    y_ptrs = y_ptr + t.to(tl.int64)[:, None] * syt + cols[None, :] * syn
+    mask = m_ok[:, None] & n_ok[None, :]
+    yv = tl.load(y_ptrs, mask=mask, other=0.0)
+    tl.store(y_ptrs, (yv.to(tl.float32) + acc * coef[:, None]).to(yv.dtype), mask=mask)
+
+
+@triton.jit
+def _lora_expand_bgmv_kernel(
+    y_ptr, v_ptr, b_ptr, ranks_ptr, scales_ptr, slots_ptr, w_ptr,
+    T, K, num_slots, max_rank, s_base,
+    off0, off1, off2, off3, size0, size1, size2, size3, ts1, ts2, ts3,
+    syt, syn, sv0, sv1, sv2, sb0, sb1, sb2, sst, ssk, swt, swk,
+    BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    """BGMV expand. Grid ``(T, total N tiles)``; the K slots of the token are summed before one y update."""
+    t = tl.program_id(0)
+    j = tl.program_id(1)
+    s, off, size, jt = _tile_slice(j, off0, off1, off2, off3, size0, size1, size2, size3, ts1, ts2, ts3)
+    offs_n = jt * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < size
+    cols = off + offs_n
+    acc = tl.zeros((BLOCK_N, BLOCK_R), dtype=tl.float32)
+    touched = 0
+    for kc in range(K):
+        slot = tl.load(slots_ptr + t * sst + kc * ssk)
+        ok = (slot >= 0) & (slot < num_slots)
+        touched += ok.to(tl.int32)
+        slot = tl.where(ok, slot, 0)
+        rank = tl.minimum(tl.maximum(tl.load(ranks_ptr + slot).to(tl.int32), 0), max_rank)
+        rank = tl.where(ok, rank, 0)
+        coef = tl.load(w_ptr + t * swt + kc * swk) * tl.load(scales_ptr + slot)
+        v_row = v_ptr + (s_base + s).to(tl.int64) * sv0 + (kc * T + t).to(tl.int64) * sv1
+        b_cols = b_ptr + slot.to(tl.int64) * sb0 + cols.to(tl.int64) * sb1
+        for i0 in range(0, rank, BLOCK_R):
+            offs_r = i0 + tl.arange(0, BLOCK_R)
+            r_ok = offs_r < rank
+            vv = tl.load(v_row + offs_r * sv2, mask=r_ok, other=0.0)
+            bt = tl.load(b_cols[:, None] + offs_r[None, :] * sb2, mask=n_ok[:, None] & r_ok[None, :], other=0.0)
+            acc += bt.to(tl.float32) * (vv * coef)[None, :]
+    if touched == 0:
+        return
+    delta = tl.sum(acc, axis=1)
+    y_ptrs = y_ptr + t.to(tl.int64) * syt + cols * syn
+    yv = tl.load(y_ptrs, mask=n_ok, other=0.0)
+    tl.store(y_ptrs, (yv.to(tl.float32) + delta).to(yv.dtype), mask=n_ok)
+
+
+@triton.jit
+def _lora_fused_kernel(
+    y_ptr, x_ptr, a_ptr, b_ptr, ranks_ptr, scales_ptr, slots_ptr, w_ptr,
+    T, H, num_slots, max_rank, n_split, total_tiles,
+    off0, off1, off2, off3, size0, size1, size2, size3, ts1, ts2, ts3,
+    sxt, sxh, sa0, sa1, sa2, sa3, syt, syn, sb0, sb1, sb2, sst, ssk, swt, swk,
+    S: tl.constexpr, K: tl.constexpr, K_PAD: tl.constexpr, BLOCK_SR: tl.constexpr,
+    BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """Fused shrink+expand. Grid ``(T, n_split)``: v (K, R*S) stays in fp32 registers; program ``pid1`` owns
+    N tiles ``pid1, pid1 + n_split, ...`` of all slices."""
+    t = tl.program_id(0)
+    pid1 = tl.program_id(1)
+    offs_j = tl.arange(0, BLOCK_SR)  # combined (rank row i = j // S, slice s = j % S)
+    s_of_j = offs_j % S
+    i_of_j = offs_j // S
+    k_ids = tl.arange(0, K_PAD)
+    x_row = x_ptr + t.to(tl.int64) * sxt
+    vmat = tl.zeros((K_PAD, BLOCK_SR), dtype=tl.float32)
+    touched = 0
+    for kc in tl.static_range(K):
+        slot = tl.load(slots_ptr + t * sst + kc * ssk)
+        ok = (slot >= 0) & (slot < num_slots)
+        touched += ok.to(tl.int32)
+        slot = tl.where(ok, slot, 0)
+        rank = tl.where(ok, tl.minimum(tl.maximum(tl.load(ranks_ptr + slot).to(tl.int32), 0), max_rank), 0)
+        j_ok = offs_j < rank * S
+        a_rows = a_ptr + slot.to(tl.int64) * sa0 + s_of_j * sa1 + i_of_j * sa2
+        part = tl.zeros((BLOCK_SR, BLOCK_K), dtype=tl.float32)
+        for h0 in range(0, tl.where(rank > 0, H, 0), BLOCK_K):
+            offs_h = h0 + tl.arange(0, BLOCK_K)
+            h_ok = offs_h < H
+            xv = tl.load(x_row + offs_h * sxh, mask=h_ok, other=0.0).to(tl.float32)
+            at = tl.load(a_rows[:, None] + offs_h[None, :] * sa3, mask=j_ok[:, None] & h_ok[None, :], other=0.0)
+            part += at.to(tl.float32) * xv[None, :]
+        v = tl.sum(part, axis=1)
+        vmat = tl.where(k_ids[:, None] == kc, v[None, :], vmat)
+    if touched == 0:
+        return
+    for j in range(pid1, total_tiles, n_split):
+        s, off, size, jt = _tile_slice(j, off0, off1, off2, off3, size0, size1, size2, size3, ts1, ts2, ts3)
+        offs_n = jt * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < size
+        cols = off + offs_n
+        acc = tl.zeros((BLOCK_N, BLOCK_SR), dtype=tl.float32)
+        for kc in tl.static_range(K):
+            slot = tl.load(slots_ptr + t * sst + kc * ssk)
+            ok = (slot >= 0) & (slot < num_slots)
+            slot = tl.where(ok, slot, 0)
+            rank = tl.where(ok, tl.minimum(tl.maximum(tl.load(ranks_ptr + slot).to(tl.int32), 0), max_rank), 0)
+            coef = tl.load(w_ptr + t * swt + kc * swk) * tl.load(scales_ptr + slot)
+            v = tl.sum(tl.where(k_ids[:, None] == kc, vmat, 0.0), axis=0) * coef
+            jm = (s_of_j == s) & (offs_j < rank * S)
+            b_ptrs = b_ptr + slot.to(tl.int64) * sb0 + cols.to(tl.int64)[:, None] * sb1 + (i_of_j * sb2)[None, :]
+            bt = tl.load(b_ptrs, mask=n_ok[:, None] & jm[None, :], other=0.0)
+            acc += bt.to(tl.float32) * v[None, :]
+        delta = tl.sum(acc, axis=1)
+        y_ptrs = y_ptr + t.to(tl.int64) * syt + cols * syn
+        yv = tl.load(y_ptrs, mask=n_ok, other=0.0)
+        tl.store(y_ptrs, (yv.to(tl.float32) + delta).to(yv.dtype), mask=n_ok)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Host-side helpers (pure functions of shapes: shared by the launchers and the AOT test)
+# ----------------------------------------------------------------------------------------------------------------
+_SM_CACHE: dict[int, int] = {}
+
+
+def _num_sms(device: torch.device) -> int:
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return DEFAULT_NUM_SMS
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _SM_CACHE:
+        _SM_CACHE[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
+    return _SM_CACHE[idx]
+
+
+def sgmv_block_m(chunk: int) -> int:
+    """BLOCK_M of the SGMV kernels for a metadata chunk size (power of two, >= 16 for tl.dot)."""
+    return max(16, triton.next_power_of_2(int(chunk)))
+
+
+def fused_blocks(max_rank: int, num_slices: int) -> dict[str, int]:
+    """Register-tile sizes of the fused kernel for a (max_rank, S) buffer."""
+    sr = max(16, triton.next_power_of_2(max_rank * num_slices))
+    side = max(16, LORA_CONFIGS["fused"]["FUSED_TILE"] // sr)
+    return {"BLOCK_SR": sr, "BLOCK_K": side, "BLOCK_N": side}
+
+
+def split_k_for(programs: int, h_in: int, block_k: int, num_sms: int) -> int:
+    """Split-K factor (power of two) so that ``programs * split`` fills ``num_sms``, keeping >= 2 K steps each."""
+    split = 1
+    max_split = min(MAX_SPLIT_K, max(1, triton.cdiv(h_in, 2 * block_k)))
+    while split * 2 <= max_split and programs * split < num_sms:
+        split *= 2
+    return split
+
+
+def choose_path(path: str, num_pairs: int, op: str, *, sr: int = 0, num_slices: int = 1, a_bytes: int = 0) -> str:
+    """Resolve ``path`` for ``op`` in {shrink, expand, apply} (a pure function of shapes: no host sync).
+
+    ``auto``: decode-sized batches (``T*K <= BGMV_MAX_PAIRS``) use the gather (BGMV) kernels, which need no
+    sorting and waste no tensor-core rows on one-token chunks (SGLang #10286); prefill-sized batches use the
+    segmented (SGMV) kernels, which read each adapter's weights once per chunk on tensor cores. ``lora_apply``
+    uses the fused kernel when ``T*K <= FUSED_MAX_PAIRS``, v fits in registers (``sr = next_pow2(R*S) <=
+    FUSED_MAX_SR``, ``S <= 4``) and one slot's A (``a_bytes = R*S*h_in*itemsize``) is at most
+    ``FUSED_MAX_A_BYTES``: every fused program streams a whole A from L2 on one SM, so a large A makes it slower
+    than BGMV shrink + expand despite the saved launch. These thresholds are first guesses from the byte counts
+    (research notes section 7), to be tuned by the GPU benchmark."""
+    if path not in ("auto", "sgmv", "bgmv", "fused"):
+        raise ValueError(f"path must be one of auto/sgmv/bgmv/fused, got {path!r}")
+    if path == "fused" and op != "apply":
+        raise ValueError(f"path='fused' exists only for lora_apply, not lora_{op}")
+    if path != "auto":
+        return path
+    if (op == "apply" and num_pairs <= FUSED_MAX_PAIRS and sr <= FUSED_MAX_SR and num_slices <= _MAX_SLICES
+            and a_bytes <= FUSED_MAX_A_BYTES):
+        return "fused"
+    return "bgmv" if num_pairs <= BGMV_MAX_PAIRS else "sgmv"
+
+
+def slice_groups(slice_sizes: Sequence[int], block_n: int) -> list[tuple[int, list[int], int]]:
+    """Split the slices into launch groups of <= _MAX_SLICES: ``(s_base, 11 slice ints, total_tiles)``.
+
+    The 11 ints are ``off0..3, size0..3, ts1..3`` (column offset, width and first flat tile of each slice)."""
+    sizes = [int(n) for n in slice_sizes]
+    offsets = [0]
+    for n in sizes:
+        offsets.append(offsets[-1] + n)
+    groups = []
+    for base in range(0, len(sizes), _MAX_SLICES):
+        offs, szs, tstarts = [0] * 4, [0] * 4, [_NO_TILE] * 4
+        tiles = 0
+        for i, s in enumerate(range(base, min(base + _MAX_SLICES, len(sizes)))):
+            offs[i], szs[i], tstarts[i] = offsets[s], sizes[s], tiles
+            tiles += triton.cdiv(sizes[s], block_n)
+        if tiles > 0:
+            groups.append((base, offs + szs + tstarts[1:], tiles))
+    return groups
+
+
+def _shrink_constexprs(path: str, num_slices: int, chunk: int, atomic: bool) -> dict:
+    cfg = LORA_CONFIGS["shrink_" + path]
+    c = {"S": num_slices, "BLOCK_N": cfg["BLOCK_N"], "BLOCK_K": cfg["BLOCK_K"], "ATOMIC": atomic}
+    if path == "sgmv":
+        c["BLOCK_M"] = sgmv_block_m(chunk)
+    return c
+
+
+def _expand_constexprs(path: str, chunk: int) -> dict:
+    cfg = LORA_CONFIGS["expand_" + path]
+    c = {"BLOCK_N": cfg["BLOCK_N"], "BLOCK_R": cfg["BLOCK_R"]}
+    if path == "sgmv":
+        c["BLOCK_M"] = sgmv_block_m(chunk)
+    return c
+
+
+def _fused_constexprs(max_rank: int, num_slices: int, k: int) -> dict:
+    return {"S": num_slices, "K": k, "K_PAD": triton.next_power_of_2(k), **fused_blocks(max_rank, num_slices)}
+
+
+def _launch_opts(name: str, chunk: int = 16) -> dict:
+    cfg = LORA_CONFIGS[name]
+    warps = cfg["num_warps_m64"] if "num_warps_m64" in cfg and sgmv_block_m(chunk) >= 64 else cfg["num_warps"]
+    return {"num_warps": warps, "num_stages": cfg["num_stages"]}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Launchers
+# ----------------------------------------------------------------------------------------------------------------
+def lora_shrink_triton(
+    x, lora_a, slot_ranks, token_slots, sorted_pairs, seg_slot, seg_start, seg_len, out, *, chunk, path="auto"
+) -> None:
+    """``out[s, k*T+t, :r] = x[t] @ lora_a[slot, s, :r].T`` (fp32), zeros elsewhere (Punica/vLLM shrink).
+
+    x ``(T, h_in)`` any strides; lora_a ``(L, S, R, h_in)``; slot_ranks ``(L,)``; token_slots ``(T, K)``;
+    sorted_pairs ``(K*T,)``; seg_* ``(K, G)``; out ``(S, K*T, R)`` float32, fully overwritten.
+    ``path``: auto | sgmv | bgmv (see :func:`choose_path`)."""
+    T, H = x.shape
+    L, S, R, _ = lora_a.shape
+    K = token_slots.shape[1]
+    out.zero_()  # no-adapter pairs and rank padding are zeros; split-K accumulates into it
+    if T == 0 or R == 0 or S == 0 or H == 0:
+        return
+    path = choose_path(path, T * K, "shrink")
+    cfg = LORA_CONFIGS["shrink_" + path]
+    n_tiles = triton.cdiv(R * S, cfg["BLOCK_N"])
+    sms = _num_sms(x.device)
+    if path == "sgmv":
+        G = seg_slot.shape[1]
+        est = triton.cdiv(T * K, sgmv_block_m(chunk)) * n_tiles  # busy programs (lower bound, no sync)
+        split = split_k_for(est, H, cfg["BLOCK_K"], sms)
+        _lora_shrink_sgmv_kernel[(K * G, n_tiles, split)](
+            x, lora_a, slot_ranks, sorted_pairs, seg_slot, seg_start, seg_len, out,
+            T, H, L, R, G, split,
+            x.stride(0), x.stride(1), *lora_a.stride(), sorted_pairs.stride(0), *seg_slot.stride(), *out.stride(),
+            **_shrink_constexprs("sgmv", S, chunk, split > 1), **_launch_opts("shrink_sgmv", chunk),
+        )
+    else:
+        split = split_k_for(T * K * n_tiles, H, cfg["BLOCK_K"], sms)
+        _lora_shrink_bgmv_kernel[(K * T, n_tiles, split)](
+            x, lora_a, slot_ranks, token_slots, out,
+            T, H, L, R, split,
+            x.stride(0), x.stride(1), *lora_a.stride(), *token_slots.stride(), *out.stride(),
+            **_shrink_constexprs("bgmv", S, chunk, split > 1), **_launch_opts("shrink_bgmv"),
+        )
+
+
+def lora_expand_triton(
+    y, v, lora_b, slot_ranks, slot_scales, token_slots, token_weights, sorted_pairs, seg_slot, seg_start, seg_len,
+    slice_sizes, *, chunk, path="auto",
+) -> None:
+    """``y[t, off_s:off_s+n_s] += sum_k w[t,k] * scale[slot] * v[s, k*T+t, :r] @ lora_b[slot, off_s:.., :r].T``.
+
+    y ``(T, sum(slice_sizes))`` in place, any strides; v ``(S, K*T, R)`` fp32; lora_b ``(L, N_total, R)``;
+    slot_scales ``(L,)`` fp32; token_weights ``(T, K)`` fp32; slice_sizes: python ints (may differ, GQA).
+    SGMV launches once per k column (race-free); BGMV sums the K slots of a token in registers."""
+    T = y.shape[0]
+    L, _, R = lora_b.shape
+    K = token_slots.shape[1]
+    if T == 0 or R == 0:
+        return
+    path = choose_path(path, T * K, "expand")
+    cfg = LORA_CONFIGS["expand_" + path]
+    groups = slice_groups(slice_sizes, cfg["BLOCK_N"])
+    if path == "sgmv":
+        G = seg_slot.shape[1]
+        for kc in range(K):
+            for s_base, sl, tiles in groups:
+                _lora_expand_sgmv_kernel[(G, tiles)](
+                    y, v, lora_b, slot_ranks, slot_scales, token_weights, sorted_pairs, seg_slot, seg_start, seg_len,
+                    T, L, R, kc, s_base, *sl,
+                    *y.stride(), *v.stride(), *lora_b.stride(), *token_weights.stride(), sorted_pairs.stride(0),
+                    *seg_slot.stride(),
+                    **_expand_constexprs("sgmv", chunk), **_launch_opts("expand_sgmv", chunk),
+                )
+    else:
+        for s_base, sl, tiles in groups:
+            _lora_expand_bgmv_kernel[(T, tiles)](
+                y, v, lora_b, slot_ranks, slot_scales, token_slots, token_weights,
+                T, K, L, R, s_base, *sl,
+                *y.stride(), *v.stride(), *lora_b.stride(), *token_slots.stride(), *token_weights.stride(),
+                **_expand_constexprs("bgmv", chunk), **_launch_opts("expand_bgmv"),
+            )
+
+
+def lora_apply_triton(
+    y, x, lora_a, lora_b, slot_ranks, slot_scales, token_slots, token_weights, sorted_pairs, seg_slot, seg_start,
+    seg_len, slice_sizes, *, chunk, path="auto",
+) -> None:
+    """``y += sum_k w * scale * (x @ A.T) @ B.T`` per token and slice (shrink + expand).
+
+    ``path="fused"`` (auto for ``T*K <= FUSED_MAX_PAIRS``): one kernel, v in registers, K slots summed in one
+    program (deterministic). Otherwise shrink + expand through an fp32 ``(S, K*T, R)`` scratch (vLLM
+    ``add_lora_linear``), both on the BGMV or SGMV path."""
+    T, H = x.shape
+    L, S, R, _ = lora_a.shape
+    K = token_slots.shape[1]
+    if T == 0 or R == 0 or S == 0:
+        return
+    blocks = fused_blocks(R, S)
+    path = choose_path(path, T * K, "apply", sr=blocks["BLOCK_SR"], num_slices=S,
+                       a_bytes=R * S * H * lora_a.element_size())
+    if path != "fused":
+        v = torch.empty((S, K * T, R), dtype=torch.float32, device=x.device)
+        lora_shrink_triton(x, lora_a, slot_ranks, token_slots, sorted_pairs, seg_slot, seg_start, seg_len, v,
+                           chunk=chunk, path=path)
+        lora_expand_triton(y, v, lora_b, slot_ranks, slot_scales, token_slots, token_weights, sorted_pairs,
+                           seg_slot, seg_start, seg_len, slice_sizes, chunk=chunk, path=path)
+        return
+    if S > _MAX_SLICES:
+        raise ValueError(f"the fused kernel handles at most {_MAX_SLICES} slices, got {S}")
+    (_, sl, tiles), = slice_groups(slice_sizes, blocks["BLOCK_N"])
+    n_split = max(1, min(tiles, triton.cdiv(_num_sms(x.device), T)))
+    _lora_fused_kernel[(T, n_split)](
+        y, x, lora_a, lora_b, slot_ranks, slot_scales, token_slots, token_weights,
+        T, H, L, R, n_split, tiles, *sl,
+        x.stride(0), x.stride(1), *lora_a.stride(), *y.stride(), *lora_b.stride(), *token_slots.stride(),
+        *token_weights.stride(),
+        **_fused_constexprs(R, S, K), **_launch_opts("fused"),
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Ahead-of-time compilation table (tests/triton/test_lora_aot.py)
+# ----------------------------------------------------------------------------------------------------------------
+_UNIT_STRIDES = ("sxh", "sa3", "syn", "sb2", "so2", "sv2", "sp")  # JIT specializes these == 1 (contiguous rows)
+# Ints the JIT sees as multiples of 16 for real model shapes (hidden sizes, ranks, slice widths): same hint in AOT.
+_DIV16_ARGS = ("H", "sxt", "sa0", "sa1", "sa2", "syt", "sb0", "sb1", "sv0", "sv1", "so0", "so1",
+               "off0", "off1", "off2", "off3", "size0", "size1", "size2", "size3")
+_PTR_TYPES = {
+    "x_ptr": "act", "a_ptr": "act", "b_ptr": "act", "y_ptr": "act", "out_ptr": "fp32", "v_ptr": "fp32",
+    "scales_ptr": "fp32", "w_ptr": "fp32",
+}
+
+
+def aot_variants(act_dtype: str = "fp16"):
+    """Yield ``(name, kernel, signature, constexprs, attrs, options)`` for every production kernel variant.
+
+    ``act_dtype`` is the Triton type of x / weights / y (``fp16`` or ``bf16``). Constexprs and launch options
+    come from the same helpers the launchers use; innermost unit strides are constexpr 1 and pointers / model
+    dimensions carry the divisibility-by-16 hint, as the JIT specializes them for contiguous real-model shapes."""
+
+    def build(name, kernel, constexprs, options):
+        cx = {**constexprs, **{n: 1 for n in _UNIT_STRIDES if n in kernel.arg_names}}
+        sig, attrs = {}, {}
+        for i, arg in enumerate(kernel.arg_names):
+            if arg in cx:
+                sig[arg] = "constexpr"
+                continue
+            if arg.endswith("_ptr"):
+                kind = _PTR_TYPES.get(arg, "i32")
+                sig[arg] = "*" + (act_dtype if kind == "act" else kind)
+            else:
+                sig[arg] = "i32"
+            if arg.endswith("_ptr") or arg in _DIV16_ARGS:
+                attrs[(i,)] = [["tt.divisibility", 16]]
+        return name, kernel, sig, cx, attrs, options
+
+    for chunk in SGMV_CHUNKS:
+        for atomic in (False, True) if chunk == max(SGMV_CHUNKS) else (False,):  # split-K: epilogue only
+            yield build(f"shrink_sgmv_m{chunk}{'_splitk' if atomic else ''}", _lora_shrink_sgmv_kernel,
+                        _shrink_constexprs("sgmv", 3, chunk, atomic), _launch_opts("shrink_sgmv", chunk))
+        yield build(f"expand_sgmv_m{chunk}", _lora_expand_sgmv_kernel, _expand_constexprs("sgmv", chunk),
+                    _launch_opts("expand_sgmv", chunk))
+    for atomic in (False, True):
+        yield build(f"shrink_bgmv{'_splitk' if atomic else ''}", _lora_shrink_bgmv_kernel,
+                    _shrink_constexprs("bgmv", 3, 16, atomic), _launch_opts("shrink_bgmv"))
+    yield build("expand_bgmv", _lora_expand_bgmv_kernel, _expand_constexprs("bgmv", 16), _launch_opts("expand_bgmv"))
+    for rank, s, k in ((16, 3, 1), (64, 3, 2)):
+        yield build(f"fused_r{rank}_s{s}_k{k}", _lora_fused_kernel, _fused_constexprs(rank, s, k),
+                    _launch_opts("fused"))

@@ -1,0 +1,274 @@
+"""Triton multi-LoRA kernels vs the float64 reference, under ``TRITON_INTERPRET=1`` (fp32 and fp16).
+
+Run: ``TRITON_INTERPRET=1 pytest -m interpreter tests/triton/test_lora_triton.py``. Every path (sgmv, bgmv,
+fused) of shrink / expand / apply is forced explicitly; inputs are fresh random non-zero tensors, including the
+rank padding of A, B and v (garbage that must be ignored), mixed ranks 1/8/16/64 in one R = 64 buffer, rows
+without adapter, K = 2 weighted slots, S = 1 and S = 3 slices of different widths, non-contiguous x and y.
+bf16 is checked only by ``test_apply_gpu`` (marker ``gpu``): ``tl.dot`` on bf16 is wrong under the interpreter.
+"""
+
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass
+
+import pytest
+import torch
+from utils import assert_close
+
+from pllm_kernels.batch import build_lora_meta
+from pllm_kernels.reference.lora import lora_apply_ref, lora_expand_ref, lora_shrink_ref
+from pllm_kernels.triton.lora import choose_path, lora_apply_triton, lora_expand_triton, lora_shrink_triton
+
+interpreter = pytest.mark.interpreter
+
+
+@dataclass
+class Case:
+    T: int
+    H: int
+    L: int
+    S: int
+    R: int
+    sizes: tuple
+    K: int = 1
+    ranks: tuple | None = None  # per slot (cycled); default R
+    p_none: float = 0.25  # fraction of (t, k) without adapter
+    x_layout: str = "contig"  # contig | stride2 | transposed
+    y_layout: str = "contig"  # contig | colslice
+    chunk: int | None = None
+
+
+CASES = {
+    # odd hidden, mixed ranks 1/8/16/64 (R = 64), transposed x, y a column slice of a wider tensor
+    "odd111_mixed": Case(T=37, H=111, L=5, S=1, R=64, sizes=(48,), ranks=(1, 8, 16, 64, 0), x_layout="transposed",
+                         y_layout="colslice", chunk=32),
+    # qkv-like: 3 slices of different widths, K = 2 weighted slots, strided x
+    "qkv_k2": Case(T=13, H=64, L=4, S=3, R=16, sizes=(40, 16, 16), K=2, ranks=(16, 8, 1, 16), x_layout="stride2"),
+    # hidden 2049 with few tokens and slots: split-K and masking of the K tail
+    "h2049": Case(T=3, H=2049, L=2, S=1, R=8, sizes=(24,), ranks=(8, 1), p_none=0.0),
+    # many slots (33) and a few hundred tokens: many chunks, most chunks of one slot partial
+    "many_slots": Case(T=200, H=32, L=33, S=1, R=16, sizes=(32,), ranks=(16, 8, 1), p_none=0.1, chunk=64),
+    # decode-sized, for the fused kernel
+    "qkv_small": Case(T=4, H=40, L=3, S=3, R=16, sizes=(32, 16, 16), K=2, ranks=(16, 1, 8), x_layout="stride2",
+                      y_layout="colslice"),
+    "mixed_small": Case(T=5, H=111, L=4, S=1, R=64, sizes=(33,), ranks=(64, 8, 1, 16), x_layout="transposed"),
+}
+SGMV_CASES = ("odd111_mixed", "qkv_k2", "h2049", "many_slots")
+DECODE_CASES = ("odd111_mixed", "qkv_k2", "h2049")  # bgmv/fused are per-token kernels: keep T small
+
+
+def _gen(*key) -> torch.Generator:
+    return torch.Generator().manual_seed(zlib.crc32(repr(key).encode()))
+
+
+def _build(case: Case, dtype: torch.dtype, g: torch.Generator, *, all_none: bool = False):
+    T, H, L, S, R, K = case.T, case.H, case.L, case.S, case.R, case.K
+    N = sum(case.sizes)
+    if case.x_layout == "stride2":
+        x = torch.randn(T, 2 * H, generator=g).to(dtype)[:, ::2]
+    elif case.x_layout == "transposed":
+        x = torch.randn(H, T, generator=g).to(dtype).t()
+    else:
+        x = torch.randn(T, H, generator=g).to(dtype)
+    lora_a = (torch.randn(L, S, R, H, generator=g) / H**0.5).to(dtype)  # whole buffer random: padding = garbage
+    lora_b = (torch.randn(L, N, R, generator=g) / R**0.5).to(dtype)
+    ranks = torch.tensor([(case.ranks or (R,))[i % len(case.ranks or (R,))] for i in range(L)], dtype=torch.int32)
+    scales = 0.5 + torch.rand(L, generator=g)
+    slots = torch.randint(0, L, (T, K), generator=g, dtype=torch.int32)
+    none = torch.rand(T, K, generator=g) < case.p_none
+    slots[none] = -1
+    if all_none:
+        slots.fill_(-1)
+    weights = 0.5 + torch.rand(T, K, generator=g)
+    if case.y_layout == "colslice":
+        y_full = torch.randn(T, N + 7, generator=g).to(dtype)
+        y = y_full[:, 3 : 3 + N]
+    else:
+        y_full = torch.randn(T, N, generator=g).to(dtype)
+        y = y_full
+    y_full[:, ::3] = -0.0  # a "+ 0" read-modify-write of a no-adapter row would turn these into +0.0 (bits differ)
+    meta = build_lora_meta(slots, L, weights, chunk=case.chunk)
+    return dict(x=x, lora_a=lora_a, lora_b=lora_b, ranks=ranks, scales=scales, slots=slots, weights=weights,
+                y=y, y_full=y_full, meta=meta)
+
+
+def _assert_close(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype):
+    """tests/utils.py tolerance of the input dtype; atol scaled by max|ref| (sums of up to 2049 products)."""
+    assert_close(out, ref, dtype, scale=ref.abs().max().item())
+
+
+def _meta_args(m):
+    return m.token_slots, m.sorted_pairs, m.seg_slot, m.seg_start, m.seg_len
+
+
+def _shrink_ref(d):
+    return lora_shrink_ref(d["x"].double(), d["lora_a"].double(), d["slots"], d["ranks"])
+
+
+def _expand_ref(d, y0, v, sizes):
+    return lora_expand_ref(y0.double(), v.double(), d["lora_b"].double(), d["slots"], d["weights"].double(),
+                           d["ranks"], d["scales"].double(), sizes)
+
+
+def _bits_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
+    ity = {2: torch.int16, 4: torch.int32, 8: torch.int64}[a.element_size()]
+    return torch.equal(a.contiguous().view(ity), b.contiguous().view(ity))
+
+
+def _check_y(d, y_full0, ref, dtype, case):
+    """Compare the adapted rows; rows without adapter and columns outside y must be bit-for-bit untouched."""
+    y, y_full = d["y"], d["y_full"]
+    has = (d["slots"] >= 0).any(1)
+    _assert_close(y[has], ref[has], dtype)
+    n = y.shape[1]
+    if case.y_layout == "colslice":
+        assert _bits_equal(y_full[:, :3], y_full0[:, :3]) and _bits_equal(y_full[:, 3 + n :], y_full0[:, 3 + n :])
+        y_full0 = y_full0[:, 3 : 3 + n]
+    assert _bits_equal(y[~has], y_full0[~has])
+
+
+@interpreter
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("path,name", [("sgmv", n) for n in SGMV_CASES] + [("bgmv", n) for n in DECODE_CASES])
+def test_shrink(path, name, dtype):
+    case = CASES[name]
+    d = _build(case, dtype, _gen("shrink", path, name, dtype))
+    m = d["meta"]
+    out = torch.randn(case.S, case.K * case.T, case.R, generator=_gen("garbage", name))  # must be overwritten
+    lora_shrink_triton(d["x"], d["lora_a"], d["ranks"], *_meta_args(m), out, chunk=m.chunk, path=path)
+    _assert_close(out, _shrink_ref(d), dtype)
+
+
+@interpreter
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("path,name", [("sgmv", n) for n in SGMV_CASES] + [("bgmv", n) for n in DECODE_CASES])
+def test_expand(path, name, dtype):
+    case = CASES[name]
+    g = _gen("expand", path, name, dtype)
+    d = _build(case, dtype, g)
+    m = d["meta"]
+    v = torch.randn(case.S, case.K * case.T, case.R, generator=g)  # padding beyond rank = garbage
+    y_full0 = d["y_full"].clone()
+    ref = _expand_ref(d, d["y"].clone(), v, case.sizes)
+    lora_expand_triton(d["y"], v, d["lora_b"], d["ranks"], d["scales"], m.token_slots, m.token_weights,
+                       m.sorted_pairs, m.seg_slot, m.seg_start, m.seg_len, case.sizes, chunk=m.chunk, path=path)
+    _check_y(d, y_full0, ref, dtype, case)
+
+
+APPLY = [("sgmv", n) for n in SGMV_CASES] + [("bgmv", "qkv_k2"), ("bgmv", "odd111_mixed")]
+APPLY += [("fused", "qkv_small"), ("fused", "mixed_small"), ("fused", "h2049")]
+
+
+@interpreter
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("path,name", APPLY)
+def test_apply(path, name, dtype):
+    case = CASES[name]
+    d = _build(case, dtype, _gen("apply", path, name, dtype))
+    m = d["meta"]
+    y_full0 = d["y_full"].clone()
+    ref = lora_apply_ref(d["y"].double(), d["x"].double(), d["lora_a"].double(), d["lora_b"].double(), d["slots"],
+                         d["weights"].double(), d["ranks"], d["scales"].double(), case.sizes)
+    lora_apply_triton(d["y"], d["x"], d["lora_a"], d["lora_b"], d["ranks"], d["scales"], m.token_slots,
+                      m.token_weights, m.sorted_pairs, m.seg_slot, m.seg_start, m.seg_len, case.sizes, chunk=m.chunk,
+                      path=path)
+    _check_y(d, y_full0, ref, dtype, case)
+
+
+@interpreter
+@pytest.mark.parametrize("path", ["sgmv", "bgmv", "fused"])
+def test_all_rows_without_adapter_untouched(path):
+    case = CASES["qkv_small"]
+    d = _build(case, torch.float16, _gen("none", path), all_none=True)
+    m = d["meta"]
+    y_full0 = d["y_full"].clone()
+    lora_apply_triton(d["y"], d["x"], d["lora_a"], d["lora_b"], d["ranks"], d["scales"], m.token_slots,
+                      m.token_weights, m.sorted_pairs, m.seg_slot, m.seg_start, m.seg_len, case.sizes, chunk=m.chunk,
+                      path=path)
+    assert _bits_equal(d["y_full"], y_full0)
+    if path != "fused":
+        out = torch.randn(case.S, case.K * case.T, case.R, generator=_gen("garbage"))
+        lora_shrink_triton(d["x"], d["lora_a"], d["ranks"], *_meta_args(m), out, chunk=m.chunk, path=path)
+        assert not out.any()
+        v = torch.randn(case.S, case.K * case.T, case.R, generator=_gen("v"))
+        lora_expand_triton(d["y"], v, d["lora_b"], d["ranks"], d["scales"], m.token_slots, m.token_weights,
+                           m.sorted_pairs, m.seg_slot, m.seg_start, m.seg_len, case.sizes, chunk=m.chunk, path=path)
+        assert _bits_equal(d["y_full"], y_full0)
+
+
+@interpreter
+@pytest.mark.parametrize("path", ["sgmv", "bgmv", "fused"])
+def test_out_of_range_slots_and_ranks_are_safe(path):
+    """Slot ids >= num_slots route nowhere (like -1); ranks above max_rank are clamped to it."""
+    case = CASES["qkv_small"]
+    d = _build(case, torch.float32, _gen("oob", path))
+    bad = d["slots"].clone()
+    bad[0, 0], bad[2, 1] = case.L, case.L + 100
+    d["ranks"][0] = case.R + 7
+    m = build_lora_meta(bad, case.L, d["weights"])
+    d["slots"] = torch.where(bad >= case.L, torch.full_like(bad, -1), bad)  # what the reference should see
+    y_full0 = d["y_full"].clone()
+    ranks_ref = d["ranks"].clamp(max=case.R)
+    ref = lora_apply_ref(d["y"].double(), d["x"].double(), d["lora_a"].double(), d["lora_b"].double(), d["slots"],
+                         d["weights"].double(), ranks_ref, d["scales"].double(), case.sizes)
+    lora_apply_triton(d["y"], d["x"], d["lora_a"], d["lora_b"], d["ranks"], d["scales"], m.token_slots,
+                      m.token_weights, m.sorted_pairs, m.seg_slot, m.seg_start, m.seg_len, case.sizes, chunk=m.chunk,
+                      path=path)
+    _check_y(d, y_full0, ref, torch.float32, case)
+
+
+@interpreter
+@pytest.mark.parametrize("T", [2, 70])
+def test_auto_path(T):
+    """auto = fused for decode-sized T*K, SGMV for prefill-sized (results identical to the reference either way)."""
+    case = Case(T=T, H=24, L=3, S=2, R=16, sizes=(16, 8), ranks=(16, 8, 1))
+    expected = "fused" if T == 2 else "sgmv"
+    assert choose_path("auto", T, "apply", sr=32, num_slices=2, a_bytes=16 * 2 * 24 * 4) == expected
+    d = _build(case, torch.float32, _gen("auto", T))
+    m = d["meta"]
+    y_full0 = d["y_full"].clone()
+    ref = lora_apply_ref(d["y"].double(), d["x"].double(), d["lora_a"].double(), d["lora_b"].double(), d["slots"],
+                         d["weights"].double(), d["ranks"], d["scales"].double(), case.sizes)
+    lora_apply_triton(d["y"], d["x"], d["lora_a"], d["lora_b"], d["ranks"], d["scales"], m.token_slots,
+                      m.token_weights, m.sorted_pairs, m.seg_slot, m.seg_start, m.seg_len, case.sizes, chunk=m.chunk)
+    _check_y(d, y_full0, ref, torch.float32, case)
+
+
+@interpreter
+def test_bad_path():
+    d = _build(CASES["qkv_small"], torch.float32, _gen("bad"))
+    m = d["meta"]
+    out = torch.empty(3, 8, 16)
+    with pytest.raises(ValueError):
+        lora_shrink_triton(d["x"], d["lora_a"], d["ranks"], *_meta_args(m), out, chunk=m.chunk, path="fused")
+    with pytest.raises(ValueError):
+        lora_shrink_triton(d["x"], d["lora_a"], d["ranks"], *_meta_args(m), out, chunk=m.chunk, path="nope")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("path,name", APPLY)
+def test_apply_gpu(path, name, dtype):
+    """The interpreter cannot check bf16 tl.dot: run every apply path on the GPU (bf16 tolerance 5e-2)."""
+    case = CASES[name]
+    d = _build(case, dtype, _gen("gpu", path, name, dtype))
+    d = {k: (v.cuda() if isinstance(v, torch.Tensor) else v) for k, v in d.items()}
+    d["y"] = d["y_full"][:, 3 : 3 + sum(case.sizes)] if case.y_layout == "colslice" else d["y_full"]
+    m = build_lora_meta(d["slots"], case.L, d["weights"], chunk=case.chunk)
+    y_full0 = d["y_full"].clone()
+    ref = lora_apply_ref(d["y"].double(), d["x"].double(), d["lora_a"].double(), d["lora_b"].double(), d["slots"],
+                         d["weights"].double(), d["ranks"], d["scales"].double(), case.sizes)
+    lora_apply_triton(d["y"], d["x"], d["lora_a"], d["lora_b"], d["ranks"], d["scales"], m.token_slots,
+                      m.token_weights, m.sorted_pairs, m.seg_slot, m.seg_start, m.seg_len, case.sizes, chunk=m.chunk,
+                      path=path)
+    _check_y(d, y_full0, ref, dtype, case)
+
+
+def test_choose_path_heuristic():
+    assert choose_path("auto", 1, "shrink") == "bgmv" and choose_path("auto", 4096, "expand") == "sgmv"
+    qkv_r16 = 16 * 3 * 4096 * 2  # one slot's A for Llama-3-8B qkv, bf16: too big for the fused kernel
+    assert choose_path("auto", 1, "apply", sr=64, num_slices=3, a_bytes=qkv_r16) == "bgmv"
+    assert choose_path("auto", 1, "apply", sr=16, num_slices=1, a_bytes=8 * 4096 * 2) == "fused"
+    assert choose_path("sgmv", 1, "apply") == "sgmv"
