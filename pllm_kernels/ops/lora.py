@@ -9,6 +9,7 @@ preallocated outputs and return nothing, so they are opaque, graph-capturable no
 from __future__ import annotations
 
 import os
+import weakref
 from collections.abc import Sequence
 
 import torch
@@ -22,8 +23,32 @@ _FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
 # --------------------------------------------------------------------------------------------- torch backend
-def _runs(token_slots: torch.Tensor, sorted_pairs: torch.Tensor, num_slots: int):
-    """Runs of equal (k, slot) in sorted pair order: yields ``(k, slot, pair_rows)``. Host-side (syncs on CUDA)."""
+_MEMO: dict = {}
+
+
+def _memo(t: torch.Tensor, tag, fn):
+    """``fn()`` cached on tensor ``t`` until ``t`` is modified in place (its version counter moves) or freed.
+
+    The routing metadata is built once per forward and read by every patched layer: what is derived from it on
+    the host (validation, the torch backend's runs) is computed once per forward instead of once per layer."""
+    key = (id(t), tag)
+    hit = _MEMO.get(key)
+    if hit is not None and hit[0]() is t and hit[1] == t._version:
+        return hit[2]
+    value = fn()
+    if len(_MEMO) > 512:
+        _MEMO.clear()
+    _MEMO[key] = (weakref.ref(t), t._version, value)
+    return value
+
+
+def _runs(token_slots: torch.Tensor, sorted_pairs: torch.Tensor, num_slots: int) -> list:
+    """Runs of equal (k, slot) in sorted pair order, as ``[(k, slot, pair_rows)]``. Host-side (syncs on CUDA)."""
+    return _memo(sorted_pairs, ("runs", num_slots, id(token_slots), token_slots._version),
+                 lambda: list(_compute_runs(token_slots, sorted_pairs, num_slots)))
+
+
+def _compute_runs(token_slots: torch.Tensor, sorted_pairs: torch.Tensor, num_slots: int):
     T = token_slots.shape[0]
     order = sorted_pairs.long()
     slots = token_slots.t().reshape(-1).long()[order]
@@ -79,6 +104,59 @@ def _expand_torch(y, v, lora_b, slot_ranks, slot_scales, token_slots, token_weig
     y[touched] = (y[touched].to(acc) + delta[touched]).to(y.dtype)
 
 
+def _apply_torch(y, x, lora_a, lora_b, slot_ranks, slot_scales, token_slots, token_weights, sorted_pairs,
+                 slice_sizes):
+    """Fused shrink + expand in torch. Few (k, slot) runs: one pair of matmuls per run on the rows gathered
+    from the sorted order (no padding to the max rank). Many small runs (distinct-adapter decode): gather each
+    pair's weights and use batched matmuls, which costs one gather instead of a Python loop per adapter."""
+    T, K = token_slots.shape
+    L, S, R, H = lora_a.shape
+    N = lora_b.shape[1]
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    offsets = [0]
+    for n in slice_sizes:
+        offsets.append(offsets[-1] + n)
+    runs = _runs(token_slots, sorted_pairs, L)
+    if not runs:
+        return
+    P = K * T
+    if len(runs) > _GATHER_MIN_RUNS and P * (S * R * H + N * R) <= _GATHER_MAX_ELEMS:
+        flat = token_slots.t().reshape(-1).long()
+        valid = (flat >= 0) & (flat < L)
+        sc = flat.clamp(0, L - 1)
+        tok = torch.arange(P, device=x.device) % T
+        rank_p = slot_ranks.long().clamp(0, R)[sc] * valid
+        coef = token_weights.t().reshape(-1).to(acc) * slot_scales.to(acc)[sc] * valid
+        v = torch.bmm(lora_a[sc].reshape(P, S * R, H).to(acc), x[tok].to(acc)[:, :, None]).view(P, S, R)
+        keep = torch.arange(R, device=x.device)[None, :] < rank_p[:, None]
+        v = v * (keep.to(acc) * coef[:, None])[:, None, :]
+        b = lora_b[sc].to(acc)  # (P, N, R)
+        d = torch.cat([torch.bmm(b[:, offsets[s] : offsets[s + 1]], v[:, s, :, None]) for s in range(S)], dim=1)
+        delta = d.view(K, T, N).sum(0)
+        touched = valid.view(K, T).any(0)
+        y[touched] = (y[touched].to(acc) + delta[touched]).to(y.dtype)
+        return
+    ranks = slot_ranks.clamp(0, R).tolist()
+    scales = slot_scales.tolist()
+    for k, slot, rows in runs:
+        r = ranks[slot]
+        if r == 0:
+            continue
+        tokens = rows - k * T
+        v = x.index_select(0, tokens).to(acc) @ lora_a[slot, :, :r].reshape(S * r, H).to(acc).t()  # (n, S*r)
+        v = v * (token_weights[tokens, k].to(acc) * scales[slot])[:, None]
+        b = lora_b[slot, :, :r].to(acc)
+        if S == 1:
+            d = v @ b.t()
+        else:
+            d = torch.cat([v[:, s * r : (s + 1) * r] @ b[offsets[s] : offsets[s + 1]].t() for s in range(S)], dim=1)
+        y.index_add_(0, tokens, d.to(y.dtype))
+
+
+_GATHER_MIN_RUNS = 8  # fewer runs than this: per-run matmuls are cheaper than gathering weights
+_GATHER_MAX_ELEMS = 1 << 24  # cap on the gathered weight elements (64 MiB in fp32)
+
+
 # ------------------------------------------------------------------------------------------- custom ops
 def _triton():
     from pllm_kernels.triton import lora as tl_lora
@@ -86,8 +164,7 @@ def _triton():
     return tl_lora
 
 
-@torch.library.custom_op("pllm::lora_shrink", mutates_args=("out",))
-def _lora_shrink_op(
+def _lora_shrink_impl(
     out: torch.Tensor,
     x: torch.Tensor,
     lora_a: torch.Tensor,
@@ -108,13 +185,15 @@ def _lora_shrink_op(
         _shrink_torch(out, x, lora_a, slot_ranks, token_slots, sorted_pairs)
 
 
+_lora_shrink_op = torch.library.custom_op("pllm::lora_shrink", mutates_args=("out",))(_lora_shrink_impl)
+
+
 @_lora_shrink_op.register_fake
 def _(out, x, lora_a, slot_ranks, token_slots, sorted_pairs, seg_slot, seg_start, seg_len, chunk):
     return None
 
 
-@torch.library.custom_op("pllm::lora_expand", mutates_args=("y",))
-def _lora_expand_op(
+def _lora_expand_impl(
     y: torch.Tensor,
     v: torch.Tensor,
     lora_b: torch.Tensor,
@@ -139,14 +218,16 @@ def _lora_expand_op(
         _expand_torch(y, v, lora_b, slot_ranks, slot_scales, token_slots, token_weights, sorted_pairs, slice_sizes)
 
 
+_lora_expand_op = torch.library.custom_op("pllm::lora_expand", mutates_args=("y",))(_lora_expand_impl)
+
+
 @_lora_expand_op.register_fake
 def _(y, v, lora_b, slot_ranks, slot_scales, token_slots, token_weights, sorted_pairs, seg_slot, seg_start, seg_len,
       slice_sizes, chunk):
     return None
 
 
-@torch.library.custom_op("pllm::lora_apply", mutates_args=("y",))
-def _lora_apply_op(
+def _lora_apply_impl(
     y: torch.Tensor,
     x: torch.Tensor,
     lora_a: torch.Tensor,
@@ -169,17 +250,25 @@ def _lora_apply_op(
             seg_start, seg_len, tuple(slice_sizes), chunk=chunk,
         )
         return
-    T, K = token_slots.shape
-    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-    v = torch.empty(lora_a.shape[1], K * T, lora_a.shape[2], dtype=acc, device=x.device)
-    _shrink_torch(v, x, lora_a, slot_ranks, token_slots, sorted_pairs)
-    _expand_torch(y, v, lora_b, slot_ranks, slot_scales, token_slots, token_weights, sorted_pairs, slice_sizes)
+    _apply_torch(y, x, lora_a, lora_b, slot_ranks, slot_scales, token_slots, token_weights, sorted_pairs,
+                 slice_sizes)
+
+
+_lora_apply_op = torch.library.custom_op("pllm::lora_apply", mutates_args=("y",))(_lora_apply_impl)
 
 
 @_lora_apply_op.register_fake
 def _(y, x, lora_a, lora_b, slot_ranks, slot_scales, token_slots, token_weights, sorted_pairs, seg_slot, seg_start,
       seg_len, slice_sizes, chunk):
     return None
+
+
+def _dispatch(op, impl, *args):
+    """Under torch.compile call the registered op (an opaque graph node); in eager mode call its body directly,
+    which skips the dispatcher's Python overhead (tens of microseconds per call, per layer)."""
+    if torch.compiler.is_compiling():
+        return op(*args)
+    return impl(*args)
 
 
 # ------------------------------------------------------------------------------------------- validation
@@ -229,16 +318,17 @@ def _check_slot_values(meta: LoRAMeta, slot_ranks: torch.Tensor, max_rank: int, 
         return
     num_slots = slot_ranks.shape[0]
     ts = meta.token_slots
-    if ts.numel():
-        bad_hi, bad_lo = bool((ts >= num_slots).any()), bool((ts < -1).any())
-        if bad_hi or bad_lo:
-            lo, hi = int(ts.min()), int(ts.max())
-            _fail("token_slots", f"slot ids must be -1 or in [0, {num_slots}), got values in [{lo}, {hi}]")
-    if bool((slot_ranks < 0).any()) or bool((slot_ranks > max_rank).any()):
+    if ts.numel() and not _memo(ts, ("slots_ok", num_slots), lambda: bool(((ts >= -1) & (ts < num_slots)).all())):
+        lo, hi = int(ts.min()), int(ts.max())
+        _fail("token_slots", f"slot ids must be -1 or in [0, {num_slots}), got values in [{lo}, {hi}]")
+    ranks = slot_ranks
+    ranks_ok = _memo(ranks, ("ranks_ok", max_rank), lambda: bool(((ranks >= 0) & (ranks <= max_rank)).all()))
+    if not ranks_ok:
         _fail("slot_ranks", f"ranks must be in [0, {max_rank}] (the buffer's rank), got {slot_ranks.tolist()}")
-    if slot_scales is not None and not bool(torch.isfinite(slot_scales).all()):
+    if slot_scales is not None and not _memo(slot_scales, "finite", lambda: bool(torch.isfinite(slot_scales).all())):
         _fail("slot_scales", f"must be finite, got {slot_scales.tolist()}")
-    if not bool(torch.isfinite(meta.token_weights).all()):
+    tw = meta.token_weights
+    if not _memo(tw, "finite", lambda: bool(torch.isfinite(tw).all())):
         _fail("token_weights", "must be finite")
 
 
@@ -323,7 +413,7 @@ def lora_shrink(
         if not out.is_contiguous():
             _fail("out", "must be contiguous")
     _check_slot_values(meta, slot_ranks, R, None)
-    torch.ops.pllm.lora_shrink(
+    _dispatch(_lora_shrink_op, _lora_shrink_impl,
         out, x, lora_a, slot_ranks, meta.token_slots, meta.sorted_pairs, meta.seg_slot, meta.seg_start, meta.seg_len,
         meta.chunk,
     )
@@ -361,7 +451,7 @@ def lora_expand(
         _fail("v", f"has {P} rows but K*T = {meta.k * y.shape[0]}")
     sizes = _slice_sizes(slice_sizes, lora_b, S)
     _check_slot_values(meta, slot_ranks, R, slot_scales)
-    torch.ops.pllm.lora_expand(
+    _dispatch(_lora_expand_op, _lora_expand_impl,
         y, v, lora_b, slot_ranks, slot_scales, meta.token_slots, meta.token_weights, meta.sorted_pairs, meta.seg_slot,
         meta.seg_start, meta.seg_len, sizes, meta.chunk,
     )
@@ -397,7 +487,7 @@ def lora_apply(
     _check_meta(meta, x.shape[0], x.device, L)
     sizes = _slice_sizes(slice_sizes, lora_b, S)
     _check_slot_values(meta, slot_ranks, R, slot_scales)
-    torch.ops.pllm.lora_apply(
+    _dispatch(_lora_apply_op, _lora_apply_impl,
         y, x, lora_a, lora_b, slot_ranks, slot_scales, meta.token_slots, meta.token_weights, meta.sorted_pairs,
         meta.seg_slot, meta.seg_start, meta.seg_len, sizes, meta.chunk,
     )
