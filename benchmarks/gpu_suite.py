@@ -1,0 +1,254 @@
+"""The GPU suite: one command, one output folder, under 10 minutes (run it through ``benchmarks/gpu_suite.sh``).
+
+    bash benchmarks/gpu_suite.sh [--dry-run] [--budget-s 480] [--benches lora,generate|none] [OUT_DIR]
+
+Steps, each with its own timeout inside the overall budget (default 480 s, leaving margin in a 10-minute call),
+each logged to ``OUT/logs/<step>.log``:
+
+1. build     ``PLLM_REQUIRE_CUDA_EXT=1 python setup.py build_ext --inplace``
+2. gpu_tests ``pytest -m gpu -q`` (junit xml ``OUT/junit_gpu.xml``)
+3. sanitizer ``compute-sanitizer --tool memcheck`` over ``pytest -m gpu tests/cuda``
+4. bench_*   every benchmark of ``_harness.BENCHES`` (missing scripts: "not yet implemented"), sharing what is left
+             of the budget; CSVs and ``bench_<op>_summary.md`` land in OUT (``PLLM_BENCH_OUT``)
+5. plots     ``python -m benchmarks.plot OUT``
+6. summary   ``OUT/summary.md``: step table, env, every bench summary (with the target checks)
+
+``--dry-run``, or no CUDA device: steps 1-3 are skipped (and the summary says so) and the benchmarks run at
+smoke size on CPU. OUT defaults to ``$OUT`` when set, else ``benchmarks/results/<date>-<device>`` (GPU) or
+``benchmarks/results/tmp-dryrun-<date>`` (dry run; git-ignored). Installs nothing; needs PYTHONPATH=. (the .sh
+wrapper sets it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from benchmarks import _harness as H  # noqa: E402
+
+RESERVE_S = 25  # kept back for plots + summary
+
+
+class Suite:
+    def __init__(self, out: Path, budget_s: float, dry: bool):
+        self.out = out
+        self.logs = out / "logs"
+        self.logs.mkdir(parents=True, exist_ok=True)
+        self.t0 = time.monotonic()
+        self.budget_s = budget_s
+        self.dry = dry
+        self.steps: list[dict] = []
+
+    def left(self) -> float:
+        return self.budget_s - (time.monotonic() - self.t0)
+
+    def record(self, name, status, seconds=0.0, detail="", log=None):
+        self.steps.append({"step": name, "status": status, "seconds": round(seconds, 1), "detail": detail,
+                           "log": str(log.relative_to(self.out)) if log else ""})
+        print(f"[gpu_suite] {name:<14} {status:<8} {seconds:6.1f}s  {detail}", flush=True)
+
+    def skip(self, name, why):
+        self.record(name, "SKIPPED", 0.0, why)
+
+    def run(self, name, cmd, *, timeout, env=None, ok_codes=(0,), reserve=RESERVE_S) -> tuple[int | None, str]:
+        """Run ``cmd`` (list) with a timeout (killing its process group), log to logs/<name>.log."""
+        timeout = max(5.0, min(timeout, self.left() - reserve))
+        log = self.logs / f"{name}.log"
+        full_env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}".rstrip(
+            os.pathsep), **(env or {})}
+        t = time.monotonic()
+        with open(log, "w") as f:
+            f.write(f"$ {' '.join(map(str, cmd))}\n# timeout {timeout:.0f}s\n")
+            f.flush()
+            proc = subprocess.Popen(cmd, cwd=ROOT, env=full_env, stdout=f, stderr=subprocess.STDOUT,
+                                    start_new_session=True)
+            try:
+                rc = proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGTERM)
+                try:
+                    proc.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                    proc.wait()
+                rc = None
+        dt = time.monotonic() - t
+        tail = log.read_text(errors="replace").strip().splitlines()
+        last = tail[-1][:160] if tail else ""
+        if rc is None:
+            self.record(name, "TIMEOUT", dt, f"killed after {timeout:.0f}s; last: {last}", log)
+        else:
+            self.record(name, "OK" if rc in ok_codes else "FAIL", dt, f"rc={rc}; {last}", log)
+        return rc, log.read_text(errors="replace")
+
+
+def _cuda_available() -> bool:
+    try:
+        import torch
+
+        return bool(torch.cuda.is_available())
+    except Exception:
+        return False
+
+
+def _sanitizer() -> str | None:
+    found = shutil.which("compute-sanitizer")
+    if found:
+        return found
+    for base in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"):
+        if base and Path(base, "bin", "compute-sanitizer").exists():
+            return str(Path(base, "bin", "compute-sanitizer"))
+    return None
+
+
+def _slug(s: str) -> str:
+    return re.sub(r"[^A-Za-z0-9]+", "-", s).strip("-").lower()[:40]
+
+
+def _default_out(dry: bool) -> Path:
+    if os.environ.get("OUT"):
+        return Path(os.environ["OUT"])
+    date = _dt.datetime.now().strftime("%Y%m%d-%H%M")
+    if dry:
+        return ROOT / "benchmarks" / "results" / f"tmp-dryrun-{date}"
+    return ROOT / "benchmarks" / "results" / f"{date}-{_slug(H.env_info()['device'])}"
+
+
+def _pytest_line(text: str) -> str:
+    for line in reversed(text.splitlines()):
+        if re.search(r"\b(passed|failed|skipped|error|no tests ran)\b", line):
+            return line.strip("= ").strip()
+    return ""
+
+
+def write_summary(s: Suite, env: dict, benches: list[str]) -> Path:
+    lines = ["# GPU suite summary", "",
+             f"- device: **{env['device']}** ({'dry run / CPU' if s.dry else 'GPU run'})",
+             f"- torch {env['torch']}, triton {env['triton']}, transformers {env['transformers']}, peft {env['peft']}, "
+             f"CUDA {env['cuda']}; git {env['git_sha']}; CUDA ext: {env['cuda_ext']}",
+             f"- run id {H.run_id()}, total {time.monotonic() - s.t0:.0f}s of a {s.budget_s:.0f}s budget"]
+    skipped = [st for st in s.steps if st["status"] == "SKIPPED"]
+    if skipped:
+        lines += ["", "**Skipped steps:** " + "; ".join(f"{st['step']} ({st['detail']})" for st in skipped)]
+    lines += ["", "| step | status | seconds | detail | log |", "|---|---|---|---|---|"]
+    for st in s.steps:
+        detail = st["detail"].replace("|", "\\|")
+        lines.append(f"| {st['step']} | {st['status']} | {st['seconds']} | {detail} | {st['log']} |")
+    for name in benches:
+        md = s.out / f"bench_{name}_summary.md"
+        if md.exists():
+            lines += ["", md.read_text().rstrip()]
+    plots = sorted((s.out / "plots").glob("*.png")) if (s.out / "plots").exists() else []
+    if plots:
+        lines += ["", "## Plots", ""] + [f"- [{p.name}](plots/{p.name})" for p in plots]
+    path = s.out / "summary.md"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("out", nargs="?", default=None, help="output folder (default $OUT or benchmarks/results/...)")
+    ap.add_argument("--dry-run", action="store_true", help="skip every GPU step; smoke benchmarks on CPU")
+    ap.add_argument("--budget-s", type=float, default=float(os.environ.get("PLLM_SUITE_BUDGET_S", 480)))
+    ap.add_argument("--benches", default="all", help="comma list of benchmarks, 'all' or 'none'")
+    ap.add_argument("--skip", default="", help="comma list of steps to skip: build,gpu_tests,sanitizer,plots")
+    args = ap.parse_args(argv)
+
+    cuda = _cuda_available()
+    dry = args.dry_run or not cuda
+    out = Path(args.out) if args.out else _default_out(dry)
+    out = out.resolve()
+    s = Suite(out, args.budget_s, dry)
+    os.environ["PLLM_BENCH_OUT"] = str(out)
+    os.environ.setdefault("PLLM_BENCH_RUN_ID", H.run_id())
+    skip = {x.strip() for x in args.skip.split(",") if x.strip()}
+    env = H.env_info()
+    print(f"[gpu_suite] output folder {out}")
+    print(f"[gpu_suite] {env['device']}; torch {env['torch']}; triton {env['triton']}; git {env['git_sha']}; "
+          f"budget {args.budget_s:.0f}s")
+    if dry:
+        why = "dry run (--dry-run)" if args.dry_run else "no CUDA device (torch.cuda.is_available() is False)"
+        print(f"[gpu_suite] {why}: SKIPPING the GPU steps build, gpu_tests, sanitizer; benchmarks run at smoke size")
+
+    gpu_why = "dry run" if args.dry_run else "no CUDA device"
+    # 1. build the CUDA extension
+    if dry:
+        s.skip("build", gpu_why)
+    elif "build" in skip:
+        s.skip("build", "--skip build")
+    else:
+        s.run("build", [sys.executable, "setup.py", "build_ext", "--inplace"], timeout=180,
+              env={"PLLM_REQUIRE_CUDA_EXT": "1"})
+    # 2. GPU tests
+    if dry:
+        s.skip("gpu_tests", gpu_why)
+    elif "gpu_tests" in skip:
+        s.skip("gpu_tests", "--skip gpu_tests")
+    else:
+        rc, text = s.run("gpu_tests", [sys.executable, "-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider",
+                                       f"--junitxml={out / 'junit_gpu.xml'}"], timeout=150)
+        if s.steps[-1]["status"] != "TIMEOUT":
+            s.steps[-1]["detail"] = f"rc={rc}; {_pytest_line(text)}"
+    # 3. compute-sanitizer over the CUDA tests
+    san = _sanitizer()
+    if dry:
+        s.skip("sanitizer", gpu_why)
+    elif "sanitizer" in skip:
+        s.skip("sanitizer", "--skip sanitizer")
+    elif san is None:
+        s.skip("sanitizer", "compute-sanitizer not found (PATH, $CUDA_HOME/bin, /usr/local/cuda/bin)")
+    else:
+        rc, text = s.run("sanitizer", [san, "--tool", "memcheck", "--error-exitcode", "99", "--target-processes",
+                                       "all", sys.executable, "-m", "pytest", "-m", "gpu", "-q", "-p",
+                                       "no:cacheprovider", "tests/cuda"], timeout=120)
+        m = re.search(r"ERROR SUMMARY: \d+ errors?", text)
+        if s.steps[-1]["status"] != "TIMEOUT":
+            s.steps[-1]["detail"] = f"rc={rc}; {m.group(0) if m else 'no ERROR SUMMARY line'}; {_pytest_line(text)}"
+
+    # 4. benchmarks: share what is left of the budget
+    names = list(H.BENCHES) if args.benches == "all" else (
+        [] if args.benches == "none" else [b.strip() for b in args.benches.split(",") if b.strip()])
+    present = [n for n in names if H.bench_path(n).exists()]
+    for n in names:
+        if n not in present:
+            s.record(f"bench_{n}", "N/A", 0.0, f"not yet implemented (no benchmarks/bench_{n}.py)")
+    for i, n in enumerate(present):
+        share = (s.left() - RESERVE_S) / (len(present) - i)
+        if share < 15:
+            s.skip(f"bench_{n}", f"no time left in the {args.budget_s:.0f}s budget")
+            continue
+        cmd = [sys.executable, "-m", f"benchmarks.bench_{n}", "--out", str(out)]
+        cmd += ["--smoke"] if dry else ["--budget-s", f"{max(10.0, share - 30):.0f}"]
+        s.run(f"bench_{n}", cmd, timeout=share)
+
+    # 5. plots
+    if "plots" in skip:
+        s.skip("plots", "--skip plots")
+    else:
+        s.run("plots", [sys.executable, "-m", "benchmarks.plot", str(out), "--out", str(out / "plots")],
+              timeout=60, reserve=3)
+    (out / "env.json").write_text(json.dumps({**env, "run_id": H.run_id(), "steps": s.steps}, indent=1))
+    path = write_summary(s, env, names)
+    print(f"[gpu_suite] summary {path}")
+    print(path.read_text())
+    bad = [st["step"] for st in s.steps if st["status"] in ("FAIL", "TIMEOUT")]
+    if bad:
+        print(f"[gpu_suite] steps not OK: {', '.join(bad)}")
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

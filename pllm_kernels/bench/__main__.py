@@ -1,0 +1,5 @@
+import sys
+
+from pllm_kernels.bench import main
+
+sys.exit(main())
