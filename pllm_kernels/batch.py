@@ -88,10 +88,10 @@ def build_lora_meta(
         weights = _as_2d(token_weights)
         if weights.shape != (T, K):
             raise ValueError(f"token_weights must have shape {(T, K)} like token_slots, got {tuple(weights.shape)}")
-        weights = weights.to(device=device, dtype=torch.float32)
+        weights = weights.to(device=device, dtype=torch.float32).contiguous()
 
     fresh = LoRAMeta(
-        token_slots=token_slots.to(torch.int32),
+        token_slots=token_slots.to(torch.int32).contiguous(),
         token_weights=weights,
         sorted_pairs=sorted_pairs.to(torch.int32),
         seg_slot=seg_slot.to(torch.int32),

@@ -94,3 +94,11 @@ def test_errors_name_argument():
         build_lora_meta(torch.zeros(3, 1, dtype=torch.int32), 2, torch.ones(3, 2))
     with pytest.raises(ValueError, match="num_tokens"):
         tokens_from_rows(torch.tensor([0]), lengths=torch.tensor([2]))
+
+
+def test_meta_tensors_contiguous_for_strided_inputs():
+    rows = torch.tensor([[0, 1], [1, -1], [2, 0]], dtype=torch.int32).t().contiguous().t()  # strided (3, 2)
+    w = torch.rand(2, 3).t()
+    meta = PersonalBatch.from_rows(rows, 3, w, seq_len=1).lora
+    assert all(t.is_contiguous() for t in meta[:7])
+    assert meta.token_weights.tolist() == w.tolist()

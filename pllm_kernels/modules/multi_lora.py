@@ -1,0 +1,137 @@
+"""``MultiLoRALinear``: a base linear layer plus the batch's per-token LoRA adapters (Punica-style multi-LoRA).
+
+The layer keeps the original module as ``base_layer`` (weights untouched), computes its output, then adds
+``sum_k w[t,k] * scale[slot] * B[slot] A[slot] x[t]`` for every token through :func:`pllm_kernels.ops.lora_apply`
+on the ``(tokens, out_features)`` view of that output. The routing comes from a :class:`LoRAContext` shared by
+every patched layer and filled **once per model forward** (a :class:`pllm_kernels.batch.PersonalBatch`), never
+rebuilt per layer. Rows whose slots are all ``-1`` keep the base output bit for bit.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+from pllm_kernels.batch import PersonalBatch
+from pllm_kernels.ops.lora import lora_apply
+
+__all__ = ["LoRAContext", "MultiLoRALinear"]
+
+
+class LoRAContext:
+    """Per-forward state shared by the patched layers of one model.
+
+    * ``rows``: ``(row_slots (B, K) int32, row_weights (B, K) float32)`` of the current request, or ``None``.
+    * ``active_slots``: host list of the slots the request uses (lets a layer skip itself without a sync).
+    * ``batch``: the :class:`PersonalBatch` of the forward being run (set by a pre-hook, cleared after).
+    """
+
+    def __init__(self, num_slots: int):
+        self.num_slots = int(num_slots)
+        self.rows: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.active_slots: list[int] = []
+        self.batch: PersonalBatch | None = None
+        self.builds = 0  # PersonalBatch builds so far (one per model forward)
+
+    @contextmanager
+    def using(self, row_slots: torch.Tensor | None, row_weights: torch.Tensor | None, active_slots=()):
+        """Route the forwards inside the block by these per-row slots (restores the previous routing after)."""
+        prev = (self.rows, self.active_slots)
+        self.rows = None if row_slots is None else (row_slots, row_weights)
+        self.active_slots = list(active_slots)
+        try:
+            yield self
+        finally:
+            self.rows, self.active_slots = prev
+
+    def begin(self, batch_size: int, seq_len: int, attention_mask: torch.Tensor | None = None) -> None:
+        """Build the forward's :class:`PersonalBatch` for a padded ``(batch_size, seq_len)`` token layout.
+
+        ``attention_mask`` ``(B, S_total)`` (the last ``seq_len`` columns are the current tokens): padding
+        positions are routed to ``-1``. Rows are repeated when the model runs ``n`` sequences per request row
+        (``num_return_sequences``, beams), in HF's ``repeat_interleave`` order.
+        """
+        self.batch = None
+        if self.rows is None or not self.active_slots:
+            return
+        row_slots, row_weights = self.rows
+        n = row_slots.shape[0]
+        if batch_size != n:
+            if n == 0 or batch_size % n:
+                raise ValueError(f"the forward has {batch_size} rows but {n} users were given")
+            rep = batch_size // n
+            row_slots = row_slots.repeat_interleave(rep, dim=0)
+            row_weights = row_weights.repeat_interleave(rep, dim=0)
+        mask = None
+        if attention_mask is not None and attention_mask.dim() == 2 and attention_mask.shape[0] == batch_size \
+                and attention_mask.shape[1] >= seq_len:
+            mask = attention_mask[:, attention_mask.shape[1] - seq_len:]
+        if mask is not None:
+            self.batch = PersonalBatch.from_rows(row_slots, self.num_slots, row_weights, attention_mask=mask)
+        else:
+            self.batch = PersonalBatch.from_rows(row_slots, self.num_slots, row_weights, seq_len=seq_len)
+        self.builds += 1
+
+    def end(self) -> None:
+        self.batch = None
+
+
+class MultiLoRALinear(nn.Module):
+    """A patched ``nn.Linear`` / GPT-2 ``Conv1D`` / fused projection serving many adapters in one batch.
+
+    Args:
+        base_layer: the original module (kept as ``self.base_layer``; called unchanged).
+        buffers: the target's slot buffers (:class:`pllm_kernels.store.TargetBuffers`: ``lora_a (L, S, R, in)``,
+            ``lora_b (L, out, R)``, ``slot_ranks``, ``slot_scales``, ``slice_sizes``, ``ranks_host``).
+        context: the model's :class:`LoRAContext`.
+        in_features, out_features: of the base layer (for ``Conv1D`` the weight is ``(in, out)``).
+    """
+
+    def __init__(self, base_layer: nn.Module, buffers, context: LoRAContext, in_features: int, out_features: int):
+        super().__init__()
+        self.base_layer = base_layer
+        self.in_features = int(in_features)
+        self.out_features = int(out_features)
+        # Plain attributes (not submodules / buffers): the store owns the tensors and refills them in place.
+        self.__dict__["lora_buffers"] = buffers
+        self.__dict__["lora_context"] = context
+
+    @property
+    def weight(self):  # code that reads `layer.weight` (tied weights, dtype probes) keeps working
+        return self.base_layer.weight
+
+    @property
+    def bias(self):
+        return getattr(self.base_layer, "bias", None)
+
+    def extra_repr(self) -> str:
+        buf = self.lora_buffers
+        return (f"in={self.in_features}, out={self.out_features}, slots={buf.lora_a.shape[0]}, "
+                f"max_rank={buf.lora_a.shape[2]}, slices={buf.slice_sizes}")
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        y = self.base_layer(x, *args, **kwargs)
+        ctx = self.lora_context
+        batch = ctx.batch
+        if batch is None or batch.lora is None:
+            return y
+        buf = self.lora_buffers
+        if not buf.active(ctx.active_slots):
+            return y
+        meta = batch.lora
+        x2 = x.reshape(-1, self.in_features)
+        if x2.shape[0] != meta.num_tokens:
+            raise RuntimeError(
+                f"MultiLoRALinear: the batch metadata routes {meta.num_tokens} tokens but this layer sees "
+                f"{x2.shape[0]} (was the model called outside the patched forward/generate with other inputs?)"
+            )
+        if not y.is_contiguous():
+            y = y.contiguous()
+        y2 = y.view(-1, self.out_features)
+        if x2.dtype != buf.lora_a.dtype:
+            x2 = x2.to(buf.lora_a.dtype)
+        lora_apply(y2, x2, buf.lora_a, buf.lora_b, buf.slot_ranks, buf.slot_scales, meta, buf.slice_sizes)
+        return y
+
