@@ -11,62 +11,33 @@ bandwidth-bound FMA + reduction kernels that cannot use tensor cores, so no ``mm
 
 from __future__ import annotations
 
+import json
 import os
-import re
 import subprocess
-import tempfile
-from concurrent.futures import ProcessPoolExecutor
+import sys
+from pathlib import Path
 
 import pytest
 
-triton = pytest.importorskip("triton")
-from triton.backends.compiler import GPUTarget  # noqa: E402
-from triton.compiler import ASTSource  # noqa: E402
-
+pytest.importorskip("triton")
 from pllm_kernels.triton import lora as tl_lora  # noqa: E402
 
 ARCHS = (80, 90)
 DTYPES = ("fp16", "bf16")
+SCRIPT = Path(__file__).with_name("aot_compile.py")
 MMA_KERNELS = ("shrink_sgmv", "expand_sgmv")  # tensor-core kernels; bgmv/fused are M = 1 FMA kernels
-
-
-def _cuobjdump() -> str:
-    bundled = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
-    return bundled if os.path.exists(bundled) else "cuobjdump"
-
-
-def _compile(job):
-    arch, dtype, index = job
-    name, kernel, sig, cx, attrs, opts = list(tl_lora.aot_variants(dtype))[index]
-    compiled = triton.compile(ASTSource(kernel, sig, cx, attrs), target=GPUTarget("cuda", arch, 32), options=opts)
-    ptx = compiled.asm["ptx"]
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(compiled.asm["cubin"])
-        f.flush()
-        usage = subprocess.run([_cuobjdump(), "--dump-resource-usage", f.name], capture_output=True, text=True,
-                               check=True).stdout
-    m = re.search(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", usage)
-    assert m, usage
-    regs, stack, _, local = (int(g) for g in m.groups())
-    return {
-        "name": name, "arch": arch, "dtype": dtype, "regs": regs, "stack": stack, "local": local,
-        "shared": int(getattr(compiled.metadata, "shared", 0)),
-        "mma": bool(re.search(r"\bmma\.sync", ptx)), "wgmma": "wgmma.mma_async" in ptx,
-    }
 
 
 @pytest.fixture(scope="module")
 def aot_results():
-    n = len(list(tl_lora.aot_variants("fp16")))
-    jobs = [(arch, dtype, i) for arch in ARCHS for dtype in DTYPES for i in range(n)]
-    workers = max(1, min(4, os.cpu_count() or 1))
-    try:
-        import multiprocessing as mp
-
-        with ProcessPoolExecutor(workers, mp_context=mp.get_context("fork")) as pool:
-            results = list(pool.map(_compile, jobs))
-    except (OSError, ValueError):  # no fork (e.g. restricted sandbox): compile serially
-        results = [_compile(j) for j in jobs]
+    """Compile in a child process without ``TRITON_INTERPRET`` (under the interpreter ``@triton.jit`` functions are
+    interpreted and cannot be compiled), so this test runs in the same pytest session as the interpreter tests."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    archs, dtypes = ",".join(map(str, ARCHS)), ",".join(DTYPES)
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--archs", archs, "--dtypes", dtypes], env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    results = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
     for r in results:
         print(f"sm_{r['arch']} {r['dtype']} {r['name']:24s} regs={r['regs']:3d} stack={r['stack']} "
               f"smem={r['shared']} mma={r['mma']} wgmma={r['wgmma']}")
