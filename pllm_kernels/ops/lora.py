@@ -106,9 +106,9 @@ def _expand_torch(y, v, lora_b, slot_ranks, slot_scales, token_slots, token_weig
 
 def _apply_torch(y, x, lora_a, lora_b, slot_ranks, slot_scales, token_slots, token_weights, sorted_pairs,
                  slice_sizes):
-    """Fused shrink + expand in torch. Few (k, slot) runs: one pair of matmuls per run on the rows gathered
-    from the sorted order (no padding to the max rank). Many small runs (distinct-adapter decode): gather each
-    pair's weights and use batched matmuls, which costs one gather instead of a Python loop per adapter."""
+    """Fused shrink + expand in torch. Long (k, slot) runs (prefill, shared adapters): one pair of matmuls per
+    run on the rows gathered from the sorted order (no padding to the max rank). Many short runs (distinct-adapter
+    decode): gather each pair's weights and use batched matmuls: one gather instead of a Python loop per adapter."""
     T, K = token_slots.shape
     L, S, R, H = lora_a.shape
     N = lora_b.shape[1]
@@ -120,7 +120,11 @@ def _apply_torch(y, x, lora_a, lora_b, slot_ranks, slot_scales, token_slots, tok
     if not runs:
         return
     P = K * T
-    if len(runs) >= _GATHER_MIN_RUNS and P * (S * R * H + N * R) <= _GATHER_MAX_ELEMS:
+    gather = (len(runs) >= _GATHER_MIN_RUNS and P <= _GATHER_MAX_PAIRS_PER_RUN * len(runs)
+              and P * (S * R * H + N * R) <= _GATHER_MAX_ELEMS)
+    if _FORCE_STRATEGY is not None:
+        gather = _FORCE_STRATEGY == "gather"
+    if gather:
         # index_select, not advanced indexing: the latter is ~100x slower on multi-threaded CPU torch.
         sc, tok, coef_tok, idx = _memo(token_slots, ("gather", L, id(token_weights), token_weights._version, acc),
                                        lambda: _gather_plan(token_slots, token_weights, L, acc))
@@ -167,7 +171,9 @@ def _gather_plan(token_slots, token_weights, num_slots, acc):
     return sc, tok, coef_tok, idx
 
 
+_FORCE_STRATEGY: str | None = None  # tests: "gather" or "runs"
 _GATHER_MIN_RUNS = 2  # one (k, slot) run: its two matmuls beat gathering a weight copy per token
+_GATHER_MAX_PAIRS_PER_RUN = 4  # long runs (prefill): one matmul pair per run reads each weight once
 _GATHER_MAX_ELEMS = 1 << 22  # cap on the gathered weight elements (16 MiB in fp32); above it, loop over runs
 
 

@@ -73,7 +73,7 @@ def path(request, monkeypatch):
     runs of the sorted order."""
     from pllm_kernels.ops import lora as ops_lora
 
-    monkeypatch.setattr(ops_lora, "_GATHER_MIN_RUNS", 0 if request.param == "gather" else 10**9)
+    monkeypatch.setattr(ops_lora, "_FORCE_STRATEGY", request.param)
     return request.param
 
 
