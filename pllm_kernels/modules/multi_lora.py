@@ -132,6 +132,13 @@ class MultiLoRALinear(nn.Module):
         y2 = y.view(-1, self.out_features)
         if x2.dtype != buf.lora_a.dtype:
             x2 = x2.to(buf.lora_a.dtype)
-        lora_apply(y2, x2, buf.lora_a, buf.lora_b, buf.slot_ranks, buf.slot_scales, meta, buf.slice_sizes)
+        # Full argument checks once per (device, dtype, routing layout); after that the per-call checks are
+        # skipped (~150 calls per decode step): the store validated the adapters and built the routing itself.
+        key = (x2.device, x2.dtype, y2.dtype, meta.num_slots, meta.k, buf.lora_a.data_ptr())
+        validate = self.__dict__.get("_validated") != key
+        lora_apply(y2, x2, buf.lora_a, buf.lora_b, buf.slot_ranks, buf.slot_scales, meta, buf.slice_sizes,
+                   validate=validate)
+        if validate:
+            self.__dict__["_validated"] = key
         return y
 

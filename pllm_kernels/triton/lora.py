@@ -36,6 +36,7 @@ Host side: no ``.item()`` / ``.tolist()`` on device tensors; grids depend only o
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import torch
@@ -400,11 +401,16 @@ def choose_path(path: str, num_pairs: int, op: str, *, sr: int = 0, num_slices: 
     return "bgmv" if num_pairs <= BGMV_MAX_PAIRS else "sgmv"
 
 
-def slice_groups(slice_sizes: Sequence[int], block_n: int) -> list[tuple[int, list[int], int]]:
+def slice_groups(slice_sizes: Sequence[int], block_n: int) -> tuple[tuple[int, tuple[int, ...], int], ...]:
     """Split the slices into launch groups of <= _MAX_SLICES: ``(s_base, 11 slice ints, total_tiles)``.
 
-    The 11 ints are ``off0..3, size0..3, ts1..3`` (column offset, width and first flat tile of each slice)."""
-    sizes = [int(n) for n in slice_sizes]
+    The 11 ints are ``off0..3, size0..3, ts1..3`` (column offset, width and first flat tile of each slice).
+    Cached: it runs on every launch (hundreds per decode step), always with the model's few slice layouts."""
+    return _slice_groups(tuple(int(n) for n in slice_sizes), int(block_n))
+
+
+@functools.lru_cache(maxsize=1024)
+def _slice_groups(sizes: tuple[int, ...], block_n: int) -> tuple[tuple[int, tuple[int, ...], int], ...]:
     offsets = [0]
     for n in sizes:
         offsets.append(offsets[-1] + n)
@@ -416,8 +422,8 @@ def slice_groups(slice_sizes: Sequence[int], block_n: int) -> list[tuple[int, li
             offs[i], szs[i], tstarts[i] = offsets[s], sizes[s], tiles
             tiles += triton.cdiv(sizes[s], block_n)
         if tiles > 0:
-            groups.append((base, offs + szs + tstarts[1:], tiles))
-    return groups
+            groups.append((base, tuple(offs + szs + tstarts[1:]), tiles))
+    return tuple(groups)
 
 
 def _shrink_constexprs(path: str, num_slices: int, chunk: int, atomic: bool) -> dict:

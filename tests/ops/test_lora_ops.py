@@ -184,3 +184,10 @@ def test_torch_apply_both_strategies(case, strategy, monkeypatch):
     expected = ref_apply(c)
     ops.lora_apply(c.y, c.x, c.lora_a, c.lora_b, c.slot_ranks, c.slot_scales, c.meta, c.slice_sizes)
     assert_close(c.y, expected, torch.float32)
+
+
+def test_apply_without_validation_matches(case):
+    expected = ref_apply(case)
+    ops.lora_apply(case.y, case.x, case.lora_a, case.lora_b, case.slot_ranks, case.slot_scales, case.meta,
+                   case.slice_sizes, validate=False)
+    assert_close(case.y, expected, torch.float32)
