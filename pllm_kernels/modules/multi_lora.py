@@ -9,6 +9,7 @@ rebuilt per layer. Rows whose slots are all ``-1`` keep the base output bit for 
 
 from __future__ import annotations
 
+import weakref
 from contextlib import contextmanager
 
 import torch
@@ -17,7 +18,7 @@ from torch import nn
 from pllm_kernels.batch import PersonalBatch
 from pllm_kernels.ops.lora import lora_apply
 
-__all__ = ["LoRAContext", "MultiLoRALinear"]
+__all__ = ["LoRAContext", "LoRAGroup", "MultiLoRALinear"]
 
 
 class LoRAContext:
@@ -78,6 +79,42 @@ class LoRAContext:
         self.batch = None
 
 
+class LoRAGroup:
+    """Runtime side of a group of targets that read the same input (q/k/v, gate/up; see the store's
+    ``GroupBuffers``): the first member called in a forward computes the LoRA deltas of every member with one
+    multi-slice ``lora_apply`` (x read once, one call instead of one per member) and each member adds its slice.
+
+    The deltas are reused only by the members called with the very same input tensor (identity and version) in
+    the same forward; anything else (a member fed another input, a member called twice) recomputes, so sharing is
+    never wrong, only sometimes not taken. The deltas are released once every member has used them.
+    """
+
+    def __init__(self, buffers):
+        self.buffers = buffers
+        self._x = None  # weakref to the input the cached deltas belong to
+        self._key = None
+        self._delta = None
+        self._left: set[str] = set()
+        self._validated = None
+
+    def delta(self, member: str, x: torch.Tensor, x2: torch.Tensor, ctx, meta) -> torch.Tensor:
+        """``(tokens, sum(slice widths))`` deltas of every member for input ``x`` (``x2``: its 2-D view)."""
+        key = (ctx.builds, x._version, tuple(x.shape), x.device)
+        if self._x is None or self._x() is not x or self._key != key or member not in self._left:
+            g = self.buffers
+            d = torch.zeros(x2.shape[0], sum(g.slice_sizes), dtype=x2.dtype, device=x2.device)
+            vkey = (x2.device, x2.dtype, meta.num_slots, meta.k, g.lora_a.data_ptr())
+            lora_apply(d, x2, g.lora_a, g.lora_b, g.slot_ranks, g.slot_scales, meta, g.slice_sizes,
+                       validate=self._validated != vkey)
+            self._validated = vkey
+            self._x, self._key, self._delta, self._left = weakref.ref(x), key, d, set(g.members)
+        self._left.discard(member)
+        d = self._delta
+        if not self._left:
+            self._x = self._delta = None
+        return d
+
+
 class MultiLoRALinear(nn.Module):
     """A patched ``nn.Linear`` / GPT-2 ``Conv1D`` / fused projection serving many adapters in one batch.
 
@@ -87,9 +124,11 @@ class MultiLoRALinear(nn.Module):
             ``lora_b (L, out, R)``, ``slot_ranks``, ``slot_scales``, ``slice_sizes``, ``ranks_host``).
         context: the model's :class:`LoRAContext`.
         in_features, out_features: of the base layer (for ``Conv1D`` the weight is ``(in, out)``).
+        group: ``(LoRAGroup, slice index, target name)`` when this target shares its input with siblings.
     """
 
-    def __init__(self, base_layer: nn.Module, buffers, context: LoRAContext, in_features: int, out_features: int):
+    def __init__(self, base_layer: nn.Module, buffers, context: LoRAContext, in_features: int, out_features: int,
+                 group: tuple[LoRAGroup, int, str] | None = None):
         super().__init__()
         self.base_layer = base_layer
         self.in_features = int(in_features)
@@ -97,6 +136,7 @@ class MultiLoRALinear(nn.Module):
         # Plain attributes (not submodules / buffers): the store owns the tensors and refills them in place.
         self.__dict__["lora_buffers"] = buffers
         self.__dict__["lora_context"] = context
+        self.__dict__["lora_group"] = group
 
     @property
     def weight(self):  # code that reads `layer.weight` (tied weights, dtype probes) keeps working
@@ -118,7 +158,9 @@ class MultiLoRALinear(nn.Module):
         if batch is None or batch.lora is None:
             return y
         buf = self.lora_buffers
-        if not buf.active(ctx.active_slots):
+        group = self.lora_group
+        # A grouped member follows its group's activity so that every member consumes the shared deltas.
+        if not (group[0].buffers if group is not None else buf).active(ctx.active_slots):
             return y
         meta = batch.lora
         x2 = x.reshape(-1, self.in_features)
@@ -132,6 +174,11 @@ class MultiLoRALinear(nn.Module):
         y2 = y.view(-1, self.out_features)
         if x2.dtype != buf.lora_a.dtype:
             x2 = x2.to(buf.lora_a.dtype)
+        if group is not None:
+            runtime, i, name = group
+            off = runtime.buffers.offsets[i]
+            y2.add_(runtime.delta(name, x, x2, ctx, meta)[:, off : off + self.out_features])
+            return y
         # Full argument checks once per (device, dtype, routing layout); after that the per-call checks are
         # skipped (~150 calls per decode step): the store validated the adapters and built the routing itself.
         key = (x2.device, x2.dtype, y2.dtype, meta.num_slots, meta.k, buf.lora_a.data_ptr())

@@ -22,7 +22,7 @@ import torch
 
 from pllm_kernels.store.peft_import import AdapterError, LoRAAdapter, load_peft_adapter
 
-__all__ = ["AdapterStore", "TargetSpec", "TargetBuffers", "UserProfile", "UnknownUserError"]
+__all__ = ["AdapterStore", "GroupBuffers", "TargetSpec", "TargetBuffers", "UserProfile", "UnknownUserError"]
 
 
 class UnknownUserError(KeyError):
@@ -46,13 +46,21 @@ class TargetSpec:
 
 
 class TargetBuffers:
-    """The stacked slot buffers of one target (read by :class:`pllm_kernels.modules.MultiLoRALinear`)."""
+    """The stacked slot buffers of one target (read by :class:`pllm_kernels.modules.MultiLoRALinear`).
 
-    def __init__(self, spec: TargetSpec, num_slots: int, max_rank: int, dtype, device):
+    ``views``: ``(lora_a, lora_b)`` slices of a :class:`GroupBuffers` to use instead of own storage; such a
+    member stores ``scale * B`` with a scale of 1 (``folded_scale``), so the group can run with one scale per slot.
+    """
+
+    def __init__(self, spec: TargetSpec, num_slots: int, max_rank: int, dtype, device, views=None):
         self.spec = spec
         S = len(spec.slices())
-        self.lora_a = torch.zeros(num_slots, S, max_rank, spec.in_features, dtype=dtype, device=device)
-        self.lora_b = torch.zeros(num_slots, spec.out_features, max_rank, dtype=dtype, device=device)
+        if views is None:
+            self.lora_a = torch.zeros(num_slots, S, max_rank, spec.in_features, dtype=dtype, device=device)
+            self.lora_b = torch.zeros(num_slots, spec.out_features, max_rank, dtype=dtype, device=device)
+        else:
+            self.lora_a, self.lora_b = views
+        self.folded_scale = views is not None
         self.slot_ranks = torch.zeros(num_slots, dtype=torch.int32, device=device)
         self.slot_scales = torch.zeros(num_slots, dtype=torch.float32, device=device)
         self.ranks_host = [0] * num_slots  # host mirror: lets a layer skip itself without a device sync
@@ -61,6 +69,38 @@ class TargetBuffers:
 
     def active(self, slots) -> bool:
         """Whether any of ``slots`` (host ints) has weights at this target."""
+        rh = self.ranks_host
+        return any(rh[s] for s in slots)
+
+
+class GroupBuffers:
+    """Targets that read the same input (q/k/v, gate/up) stacked as the slices of one multi-slice buffer, so one
+    ``lora_apply`` call serves all of them and reads x once (vLLM / SGLang fuse q/k/v LoRA the same way).
+
+    ``lora_a (L, S, R, in)``, ``lora_b (L, sum(out), R)``; the members' :class:`TargetBuffers` are views of them.
+    A slot's group rank is the largest of its members' ranks (the rest is zero padding, so it adds nothing) and its
+    scale is 1: members fold their own scale into B. ``members``: target names in slice order.
+    """
+
+    def __init__(self, name: str, specs: Sequence[TargetSpec], num_slots: int, max_rank: int, dtype, device):
+        if len(specs) < 2 or len({t.in_features for t in specs}) != 1 or any(len(t.slices()) != 1 for t in specs):
+            raise ValueError(f"group {name!r}: needs >= 2 single-slice targets with the same in_features")
+        self.name = name
+        self.members = [t.name for t in specs]
+        self.slice_sizes = [t.out_features for t in specs]
+        self.offsets = [sum(self.slice_sizes[:i]) for i in range(len(specs))]
+        h = specs[0].in_features
+        self.lora_a = torch.zeros(num_slots, len(specs), max_rank, h, dtype=dtype, device=device)
+        self.lora_b = torch.zeros(num_slots, sum(self.slice_sizes), max_rank, dtype=dtype, device=device)
+        self.slot_ranks = torch.zeros(num_slots, dtype=torch.int32, device=device)
+        self.slot_scales = torch.ones(num_slots, dtype=torch.float32, device=device)
+        self.ranks_host = [0] * num_slots
+
+    def member_views(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        off, n = self.offsets[i], self.slice_sizes[i]
+        return self.lora_a[:, i : i + 1], self.lora_b[:, off : off + n]
+
+    def active(self, slots) -> bool:
         rh = self.ranks_host
         return any(rh[s] for s in slots)
 
@@ -88,7 +128,7 @@ class AdapterStore:
     """
 
     def __init__(self, targets: Sequence[TargetSpec], num_slots: int = 8, max_rank: int = 16,
-                 dtype=torch.float32, device="cpu"):
+                 dtype=torch.float32, device="cpu", groups: Sequence[Sequence[str]] = ()):
         if num_slots < 1:
             raise ValueError(f"num_slots must be >= 1, got {num_slots}")
         if max_rank < 1:
@@ -98,9 +138,26 @@ class AdapterStore:
         self.dtype = dtype
         self.device = torch.device(device)
         self.targets: dict[str, TargetSpec] = {t.name: t for t in targets}
-        self.buffers: dict[str, TargetBuffers] = {
-            t.name: TargetBuffers(t, self.num_slots, self.max_rank, dtype, self.device) for t in targets
-        }
+        self.groups: dict[str, GroupBuffers] = {}
+        self.group_of: dict[str, tuple[GroupBuffers, int]] = {}  # target name -> (group, slice index)
+        for names in groups:
+            unknown = [n for n in names if n not in self.targets]
+            if unknown:
+                raise ValueError(f"groups: unknown target(s) {unknown}")
+            g = GroupBuffers("+".join(names), [self.targets[n] for n in names], self.num_slots, self.max_rank,
+                             dtype, self.device)
+            self.groups[g.name] = g
+            for i, n in enumerate(names):
+                if n in self.group_of:
+                    raise ValueError(f"groups: target {n!r} is in two groups")
+                self.group_of[n] = (g, i)
+        self.buffers: dict[str, TargetBuffers] = {}
+        for t in targets:
+            views = None
+            if t.name in self.group_of:
+                g, i = self.group_of[t.name]
+                views = g.member_views(i)
+            self.buffers[t.name] = TargetBuffers(t, self.num_slots, self.max_rank, dtype, self.device, views)
         self.adapters: dict[str, LoRAAdapter] = {}
         self.users: dict[str, UserProfile] = {}
         self._slot_of: dict[str, int] = {}
@@ -248,7 +305,7 @@ class AdapterStore:
         if name is not None:
             del self._slot_of[name]
         self._owner[slot] = None
-        for buf in self.buffers.values():
+        for buf in [*self.buffers.values(), *self.groups.values()]:
             buf.ranks_host[slot] = 0
             buf.slot_ranks[slot] = 0
 
@@ -266,10 +323,17 @@ class AdapterStore:
                 continue
             r = w.rank
             buf.lora_a[slot, 0, :r].copy_(w.a.to(self.dtype))
-            buf.lora_b[slot, :, :r].copy_(w.b.to(self.dtype))
+            if buf.folded_scale:
+                buf.lora_b[slot, :, :r].copy_((w.b.float() * w.scale).to(self.dtype))
+            else:
+                buf.lora_b[slot, :, :r].copy_(w.b.to(self.dtype))
             buf.slot_ranks[slot] = r
-            buf.slot_scales[slot] = w.scale
+            buf.slot_scales[slot] = 1.0 if buf.folded_scale else w.scale
             buf.ranks_host[slot] = r
+        for g in self.groups.values():
+            r = max(self.buffers[m].ranks_host[slot] for m in g.members)
+            g.slot_ranks[slot] = r
+            g.ranks_host[slot] = r
         self._owner[slot] = name
         self._slot_of[name] = slot
         self.loads += 1

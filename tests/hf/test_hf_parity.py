@@ -213,3 +213,34 @@ def test_cuda_parity(dtype, monkeypatch):
                                                    adapter_names=_peft_names(USERS), **kw))
     finally:
         pm.unpatch()
+
+
+@torch.no_grad()
+def test_fused_projections_match_unfused_with_fewer_calls(monkeypatch):
+    """q/k/v and gate/up adapters run as the slices of one lora_apply: same logits, 4 calls per Llama layer, and
+    the shared deltas are released after the forward."""
+    import pllm_kernels.modules.multi_lora as ml
+
+    specs = adapter_specs("llama")
+    models = []
+    for fuse in (True, False):
+        base = tiny_model("llama", seed=3)
+        _, sds = peft_reference(base, specs, seed=7)
+        pm = patch_model(base, num_slots=4, max_rank=8, fuse_projections=fuse)
+        for name, (sd, cfg) in sds.items():
+            pm.register_user(name, sd, cfg)
+        models.append(pm)
+    fused, plain = models
+    assert len(fused.store.groups) == 2 * fused.model.config.num_hidden_layers and not plain.store.groups
+    calls = []
+    real = ml.lora_apply
+    monkeypatch.setattr(ml, "lora_apply", lambda *a, **k: calls.append(1) or real(*a, **k))
+    ids, mask = left_padded_batch(LENGTHS, fused.model.config.vocab_size, seed=11)
+    out_fused = fused(ids, attention_mask=mask, users=USERS).logits
+    n_fused = len(calls)
+    out_plain = plain(ids, attention_mask=mask, users=USERS).logits
+    n_layers = fused.model.config.num_hidden_layers
+    assert n_fused == 4 * n_layers and len(calls) - n_fused == 7 * n_layers
+    assert_close(out_fused, out_plain, torch.float32)
+    for name, (runtime, _, _) in ((n, m.lora_group) for n, m in fused.patched.items() if m.lora_group):
+        assert runtime._delta is None, f"{name}: shared deltas still held after the forward"
