@@ -1,9 +1,11 @@
 """Batched multi-LoRA ops: ``torch.ops.pllm.lora_shrink / lora_expand / lora_apply``.
 
 Semantics: :mod:`pllm_kernels.reference.lora` (the spec). Routing: :class:`pllm_kernels.ops.meta.LoRAMeta`.
-The public functions below validate arguments (errors are ``ValueError`` naming the argument), then call the
-registered custom ops, which pick a backend per call (:mod:`pllm_kernels.ops._backend`). The custom ops mutate
-preallocated outputs and return nothing, so they are opaque, graph-capturable nodes under ``torch.compile``.
+The public functions below validate arguments (errors are ``ValueError`` naming the argument), then run the op,
+which picks a backend per call (:mod:`pllm_kernels.ops._backend`). The ops are registered as custom ops that
+mutate preallocated outputs and return nothing: opaque, graph-capturable nodes under ``torch.compile``, where the
+public functions call them through ``torch.ops.pllm``; in eager mode they call the same body directly, which
+skips the dispatcher's overhead.
 """
 
 from __future__ import annotations
