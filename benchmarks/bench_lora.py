@@ -735,7 +735,7 @@ def _run(args, cases, backends, device, dtype, profile, smoke, warmup, rep, max_
         ran = {r["backend"] for r in rows}
         for name, why in skipped:
             prev = skipped_all.get(name)
-            skipped_all[name] = (prev[0] if prev else why, (prev[1] if prev else 0) + 1)
+            skipped_all[name] = (prev[0] if prev and prev[0] else why, (prev[1] if prev else 0) + 1)
         for name in ran:
             skipped_all.setdefault(name, ("", 0))
         n_run += 1

@@ -1,6 +1,7 @@
 """The GPU suite: one command, one output folder, under 10 minutes (run it through ``benchmarks/gpu_suite.sh``).
 
-    bash benchmarks/gpu_suite.sh [--dry-run] [--budget-s 480] [--benches lora,generate|none] [OUT_DIR]
+    bash benchmarks/gpu_suite.sh [--dry-run] [--budget-s 480] [--benches lora,generate|none] [--pack DIR] [OUT_DIR]
+    python -m benchmarks.gpu_suite --import FILE.tar.gz      # here, after the run: unpack into benchmarks/results/
 
 Steps, each with its own timeout inside the overall budget (default 480 s, leaving margin in a 10-minute call),
 each logged to ``OUT/logs/<step>.log``:
@@ -14,9 +15,15 @@ each logged to ``OUT/logs/<step>.log``:
 6. summary   ``OUT/summary.md``: step table, env, every bench summary (with the target checks)
 
 ``--dry-run``, or no CUDA device: steps 1-3 are skipped (and the summary says so) and the benchmarks run at
-smoke size on CPU. OUT defaults to ``$OUT`` when set, else ``benchmarks/results/<date>-<device>`` (GPU) or
+smoke size on CPU. OUT defaults to ``benchmarks/results/<date>-<device>`` (GPU) or
 ``benchmarks/results/tmp-dryrun-<date>`` (dry run; git-ignored). Installs nothing; needs PYTHONPATH=. (the .sh
 wrapper sets it).
+
+Packing (the lent device machine returns at most 8 files from ``$OUT``, two folders deep): ``--pack DIR`` writes
+the whole result folder as ``DIR/gpu_suite.tar.gz`` (one top folder ``<date>-<device>/``) plus ``DIR/summary.md``.
+When ``$OUT`` is set and no OUT_DIR is given, the suite works in ``/tmp/pllm_gpu_suite/<date>-<device>`` and packs
+into ``$OUT`` by itself, so ``bash benchmarks/gpu_suite.sh`` is the whole device command. ``--import FILE`` unpacks
+such a tarball into ``benchmarks/results/`` and refreshes the latest-figures table of ``benchmarks/README.md``.
 """
 
 from __future__ import annotations
@@ -30,6 +37,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tarfile
 import time
 from pathlib import Path
 
@@ -117,13 +125,64 @@ def _slug(s: str) -> str:
     return re.sub(r"[^A-Za-z0-9]+", "-", s).strip("-").lower()[:40]
 
 
-def _default_out(dry: bool) -> Path:
-    if os.environ.get("OUT"):
-        return Path(os.environ["OUT"])
+def _run_folder_name(dry: bool) -> str:
     date = _dt.datetime.now().strftime("%Y%m%d-%H%M")
-    if dry:
-        return ROOT / "benchmarks" / "results" / f"tmp-dryrun-{date}"
-    return ROOT / "benchmarks" / "results" / f"{date}-{_slug(H.env_info()['device'])}"
+    return f"tmp-dryrun-{date}" if dry else f"{date}-{_slug(H.env_info()['device'])}"
+
+
+def _default_out(dry: bool, packing: bool) -> Path:
+    if packing:  # results go back as one tarball: work in /tmp, under the folder name they will be committed as
+        return Path(os.environ.get("TMPDIR", "/tmp")) / "pllm_gpu_suite" / _run_folder_name(dry)
+    return ROOT / "benchmarks" / "results" / _run_folder_name(dry)
+
+
+def pack(out: Path, dest: Path) -> list[Path]:
+    """``dest/gpu_suite.tar.gz`` (``out`` as its one top folder) and ``dest/summary.md``: two files, so the result
+    set survives a transfer that returns only a few files (the device tool returns at most 8 from ``$OUT``)."""
+    dest.mkdir(parents=True, exist_ok=True)
+    tar_path = dest / "gpu_suite.tar.gz"
+    with tarfile.open(tar_path, "w:gz") as tar:
+        # never pack the tarball into itself (DIR may lie inside the result folder)
+        tar.add(out, arcname=out.name, filter=lambda ti: None if ti.name.endswith("/gpu_suite.tar.gz") else ti)
+    written = [tar_path]
+    if (out / "summary.md").exists() and out.resolve() != dest.resolve():
+        shutil.copyfile(out / "summary.md", dest / "summary.md")
+        written.append(dest / "summary.md")
+    return written
+
+
+def import_pack(tar_path: Path, results: Path | None = None, update_readme: bool = True) -> Path:
+    """Unpack a ``gpu_suite.tar.gz`` into ``results`` (default ``benchmarks/results/``); refuses to overwrite an
+    existing run folder and any member outside its one top folder. Returns the run folder."""
+    results = results or (ROOT / "benchmarks" / "results")
+    with tarfile.open(tar_path, "r:gz") as tar:
+        members = tar.getmembers()
+        tops = {Path(m.name).parts[0] for m in members if m.name not in ("", ".")}
+        if len(tops) != 1:
+            raise ValueError(f"tar_path: expected one top folder in {tar_path}, found {sorted(tops)}")
+        top = tops.pop()
+        for m in members:
+            if Path(m.name).is_absolute() or ".." in Path(m.name).parts or not (m.isfile() or m.isdir()):
+                raise ValueError(f"tar_path: unsafe member {m.name!r} in {tar_path}")
+        run_dir = results / top
+        if run_dir.exists():
+            raise FileExistsError(f"tar_path: {run_dir} exists already; remove it first to re-import")
+        results.mkdir(parents=True, exist_ok=True)
+        for m in members:
+            target = results / m.name
+            if m.isdir():
+                target.mkdir(parents=True, exist_ok=True)
+                continue
+            target.parent.mkdir(parents=True, exist_ok=True)
+            src = tar.extractfile(m)
+            assert src is not None
+            with open(target, "wb") as f:
+                shutil.copyfileobj(src, f)
+    if update_readme:
+        from benchmarks import plot
+
+        plot.main([str(results), "--update-readme", "--no-charts"])
+    return run_dir
 
 
 def _pytest_line(text: str) -> str:
@@ -165,11 +224,22 @@ def main(argv=None) -> int:
     ap.add_argument("--budget-s", type=float, default=float(os.environ.get("PLLM_SUITE_BUDGET_S", 480)))
     ap.add_argument("--benches", default="all", help="comma list of benchmarks, 'all' or 'none'")
     ap.add_argument("--skip", default="", help="comma list of steps to skip: build,gpu_tests,sanitizer,plots")
+    ap.add_argument("--pack", default=None, metavar="DIR",
+                    help="also write DIR/gpu_suite.tar.gz + DIR/summary.md (default: $OUT when set and no OUT_DIR)")
+    ap.add_argument("--import", dest="import_tar", default=None, metavar="FILE",
+                    help="unpack a gpu_suite.tar.gz into benchmarks/results/ and refresh the README table; no run")
     args = ap.parse_args(argv)
+
+    if args.import_tar:
+        run_dir = import_pack(Path(args.import_tar))
+        print(f"[gpu_suite] imported {args.import_tar} -> {run_dir}; README table refreshed")
+        return 0
+    pack_dir = Path(args.pack) if args.pack else (
+        Path(os.environ["OUT"]) if os.environ.get("OUT") and not args.out else None)
 
     cuda = _cuda_available()
     dry = args.dry_run or not cuda
-    out = Path(args.out) if args.out else _default_out(dry)
+    out = Path(args.out) if args.out else _default_out(dry, packing=pack_dir is not None)
     out = out.resolve()
     s = Suite(out, args.budget_s, dry)
     os.environ["PLLM_BENCH_OUT"] = str(out)
@@ -244,6 +314,11 @@ def main(argv=None) -> int:
     path = write_summary(s, env, names)
     print(f"[gpu_suite] summary {path}")
     print(path.read_text())
+    if pack_dir is not None:
+        written = pack(out, pack_dir.resolve())
+        print(f"[gpu_suite] packed {out} -> {', '.join(str(p) for p in written)} "
+              f"({written[0].stat().st_size / 2**20:.2f} MiB); here: python -m benchmarks.gpu_suite --import "
+              f"<files_at>/{written[0].name}")
     bad = [st["step"] for st in s.steps if st["status"] in ("FAIL", "TIMEOUT")]
     if bad:
         print(f"[gpu_suite] steps not OK: {', '.join(bad)}")
