@@ -32,15 +32,16 @@ __all__ = ["PersonalizedModel", "patch_model", "unpatch_model"]
 _ATTR = "_pllm_personalized"
 
 
-def _batch_shape(args, kwargs) -> tuple[int, int] | None:
+def _batch_input(args, kwargs) -> tuple[str, torch.Tensor] | None:
+    """``("input_ids", (B, S) tensor)`` or ``("inputs_embeds", (B, S, H) tensor)`` of a forward call."""
     x = kwargs.get("input_ids")
     if x is None and args:
         x = args[0]
     if isinstance(x, torch.Tensor) and x.dim() >= 2:
-        return int(x.shape[0]), int(x.shape[1])
+        return "input_ids", x
     emb = kwargs.get("inputs_embeds")
     if isinstance(emb, torch.Tensor) and emb.dim() == 3:
-        return int(emb.shape[0]), int(emb.shape[1])
+        return "inputs_embeds", emb
     return None
 
 
@@ -70,13 +71,24 @@ class PersonalizedModel(nn.Module):
         if ctx.rows is None:
             ctx.batch = None
             return None
-        shape = _batch_shape(args, kwargs)
-        if shape is None:
+        found = _batch_input(args, kwargs)
+        if found is None:
             raise RuntimeError("personalized forward needs input_ids (B, S) or inputs_embeds (B, S, H)")
+        arg, x = found
+        store = self.store
+        if x.device != store.device:
+            raise RuntimeError(
+                f"{arg} is on {x.device} but the adapter slot buffers are on {store.device}: move the model with "
+                f"model.to(...) / .cuda() after patch_model (the slot buffers follow it) and pass inputs on the "
+                f"model's device, or move the store alone with store.to({str(x.device)!r})"
+            )
+        row_slots, row_weights = ctx.rows
+        if row_slots.device != x.device:  # routed before the model (and its store) moved
+            ctx.rows = (row_slots.to(x.device), row_weights.to(x.device))
         mask = kwargs.get("attention_mask")
         if mask is None and len(args) > 1 and isinstance(args[1], torch.Tensor):
             mask = args[1]
-        ctx.begin(shape[0], shape[1], mask if isinstance(mask, torch.Tensor) else None)
+        ctx.begin(int(x.shape[0]), int(x.shape[1]), mask if isinstance(mask, torch.Tensor) else None)
         return None
 
     def _post_hook(self, module, args, output):
@@ -192,7 +204,8 @@ def patch_model(model: nn.Module, *, num_slots: int = 8, max_rank: int = 16, tar
         if name in store.group_of:
             g, i = store.group_of[name]
             group = (runtimes[g.name], i, name)
-        wrapped = MultiLoRALinear(mod, store.buffers[name], context, fin, fout, group=group)
+        wrapped = MultiLoRALinear(mod, store.buffers[name], context, fin, fout, group=group, name=name,
+                                  on_apply=store.follow)
         setattr(parent, child, wrapped)
         patched[name] = wrapped
     pm = PersonalizedModel(model, store, context, patched, how)

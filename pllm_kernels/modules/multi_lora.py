@@ -5,6 +5,10 @@ The layer keeps the original module as ``base_layer`` (weights untouched), compu
 on the ``(tokens, out_features)`` view of that output. The routing comes from a :class:`LoRAContext` shared by
 every patched layer and filled **once per model forward** (a :class:`pllm_kernels.batch.PersonalBatch`), never
 rebuilt per layer. Rows whose slots are all ``-1`` keep the base output bit for bit.
+
+The wrapper is transparent to ``state_dict`` / ``load_state_dict`` (keys as without it: ``q_proj.weight``, not
+``q_proj.base_layer.weight``; the slot buffers are not in it) and to ``model.to(...)`` / ``.half()`` / ``.cuda()``,
+which move the base layer and then hand the conversion to the store that owns the slot buffers (``on_apply``).
 """
 
 from __future__ import annotations
@@ -19,6 +23,35 @@ from pllm_kernels.batch import PersonalBatch
 from pllm_kernels.ops.lora import lora_apply
 
 __all__ = ["LoRAContext", "LoRAGroup", "MultiLoRALinear"]
+
+
+def _check_device(where: str, x: torch.Tensor, lora_a: torch.Tensor) -> None:
+    if x.device != lora_a.device:
+        raise RuntimeError(
+            f"{where}: the input x is on {x.device} but the adapter slot buffers (lora_a, lora_b, slot_ranks, "
+            f"slot_scales) are on {lora_a.device}. Move the model after patching with model.to(...) / .cuda() (the "
+            f"slot buffers follow it), or move the store with store.to({str(x.device)!r}); models split over "
+            "several devices (device_map) are not supported yet"
+        )
+
+
+def _unwrap_state_dict(module, state_dict, prefix, local_metadata) -> None:
+    """``state_dict`` post-hook: ``<prefix>base_layer.<key>`` -> ``<prefix><key>`` (the unpatched model's keys)."""
+    inner = prefix + "base_layer."
+    for k in [k for k in state_dict if k.startswith(inner)]:
+        state_dict[prefix + k[len(inner):]] = state_dict.pop(k)  # these keys are the latest: order is kept
+    meta = getattr(state_dict, "_metadata", None)
+    if meta is not None:
+        for k in [k for k in meta if k == inner[:-1] or k.startswith(inner)]:
+            meta[prefix[:-1] if k == inner[:-1] else prefix + k[len(inner):]] = meta.pop(k)
+
+
+def _wrap_state_dict(module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                     error_msgs) -> None:
+    """``load_state_dict`` pre-hook: the unpatched model's keys go to ``base_layer`` (``base_layer.`` keys too)."""
+    inner = prefix + "base_layer."
+    for k in [k for k in state_dict if k.startswith(prefix) and not k.startswith(inner)]:
+        state_dict[inner + k[len(prefix):]] = state_dict.pop(k)
 
 
 class LoRAContext:
@@ -90,7 +123,7 @@ class LoRAGroup:
     """
 
     def __init__(self, buffers):
-        self.buffers = buffers
+        self.buffers = buffers  # the store's GroupBuffers (its tensors are replaced when the store moves)
         self._x = None  # weakref to the input the cached deltas belong to
         self._key = None
         self._delta = None
@@ -102,8 +135,10 @@ class LoRAGroup:
         key = (ctx.builds, x._version, tuple(x.shape), x.device)
         if self._x is None or self._x() is not x or self._key != key or member not in self._left:
             g = self.buffers
+            vkey = (x2.device, x2.dtype, meta.num_slots, meta.k, g.lora_a.data_ptr(), g.lora_a.device)
+            if self._validated != vkey:
+                _check_device(f"{member} (group {g.name})", x2, g.lora_a)
             d = torch.zeros(x2.shape[0], sum(g.slice_sizes), dtype=x2.dtype, device=x2.device)
-            vkey = (x2.device, x2.dtype, meta.num_slots, meta.k, g.lora_a.data_ptr())
             lora_apply(d, x2, g.lora_a, g.lora_b, g.slot_ranks, g.slot_scales, meta, g.slice_sizes,
                        validate=self._validated != vkey)
             self._validated = vkey
@@ -125,18 +160,39 @@ class MultiLoRALinear(nn.Module):
         context: the model's :class:`LoRAContext`.
         in_features, out_features: of the base layer (for ``Conv1D`` the weight is ``(in, out)``).
         group: ``(LoRAGroup, slice index, target name)`` when this target shares its input with siblings.
+        name: the target's name in the model (for error messages).
+        on_apply: called with the function of every ``nn.Module._apply`` (``model.to(...)``, ``.half()``,
+            ``.cuda()``, ...) after the base layer was converted: the owner of the slot buffers converts them
+            (:meth:`pllm_kernels.store.AdapterStore.follow`; it must be cheap when nothing changes).
     """
 
     def __init__(self, base_layer: nn.Module, buffers, context: LoRAContext, in_features: int, out_features: int,
-                 group: tuple[LoRAGroup, int, str] | None = None):
+                 group: tuple[LoRAGroup, int, str] | None = None, *, name: str = "", on_apply=None):
         super().__init__()
         self.base_layer = base_layer
         self.in_features = int(in_features)
         self.out_features = int(out_features)
-        # Plain attributes (not submodules / buffers): the store owns the tensors and refills them in place.
+        # Plain attributes (not submodules / buffers): the store owns the tensors, refills them in place and
+        # moves them itself (nn.Module's buffer conversion would cast the float32 scales with the weights and
+        # turn the grouped targets' views into separate copies).
         self.__dict__["lora_buffers"] = buffers
         self.__dict__["lora_context"] = context
         self.__dict__["lora_group"] = group
+        self.__dict__["lora_name"] = name or "MultiLoRALinear"
+        self.__dict__["lora_on_apply"] = on_apply
+        if hasattr(self, "register_state_dict_post_hook"):  # public since torch 2.5; the private forms before
+            self.register_state_dict_post_hook(_unwrap_state_dict)
+            self.register_load_state_dict_pre_hook(_wrap_state_dict)
+        else:
+            self._register_state_dict_hook(_unwrap_state_dict)
+            self._register_load_state_dict_pre_hook(_wrap_state_dict, with_module=True)
+
+    def _apply(self, fn, recurse=True):
+        out = super()._apply(fn, recurse)
+        on_apply = self.__dict__.get("lora_on_apply")
+        if on_apply is not None:
+            on_apply(fn)
+        return out
 
     @property
     def weight(self):  # code that reads `layer.weight` (tied weights, dtype probes) keeps working
@@ -172,19 +228,24 @@ class MultiLoRALinear(nn.Module):
         if not y.is_contiguous():
             y = y.contiguous()
         y2 = y.view(-1, self.out_features)
-        if x2.dtype != buf.lora_a.dtype:
+        if x2.dtype != buf.lora_a.dtype:  # slot buffers in another dtype (patch_model(dtype=...), store.to(dtype=))
             x2 = x2.to(buf.lora_a.dtype)
         if group is not None:
             runtime, i, name = group
             off = runtime.buffers.offsets[i]
             y2.add_(runtime.delta(name, x, x2, ctx, meta)[:, off : off + self.out_features])
             return y
-        # Full argument checks once per (device, dtype, routing layout); after that the per-call checks are
-        # skipped (~150 calls per decode step): the store validated the adapters and built the routing itself.
-        key = (x2.device, x2.dtype, y2.dtype, meta.num_slots, meta.k, buf.lora_a.data_ptr())
+        # Full argument checks once per (device, dtype, routing layout, buffer placement); after that the per-call
+        # checks are skipped (~150 calls per decode step): the store validated the adapters and built the routing.
+        key = (x2.device, x2.dtype, y2.dtype, meta.num_slots, meta.k, buf.lora_a.data_ptr(), buf.lora_a.device)
         validate = self.__dict__.get("_validated") != key
-        lora_apply(y2, x2, buf.lora_a, buf.lora_b, buf.slot_ranks, buf.slot_scales, meta, buf.slice_sizes,
+        if validate:
+            _check_device(self.lora_name, x2, buf.lora_a)
+        out = y2 if y2.dtype == x2.dtype else torch.zeros(y2.shape, dtype=x2.dtype, device=x2.device)
+        lora_apply(out, x2, buf.lora_a, buf.lora_b, buf.slot_ranks, buf.slot_scales, meta, buf.slice_sizes,
                    validate=validate)
+        if out is not y2:
+            y2.add_(out.to(y2.dtype))
         if validate:
             self.__dict__["_validated"] = key
         return y

@@ -8,6 +8,11 @@ adapter does not cover (``target_modules``, ``layers_to_transform``) has rank 0 
 Registered adapters live in host memory; they are copied into a slot when a batch needs them (slots are reused
 least-recently-used first). More distinct adapters in one batch than slots is an error for now.
 
+Placement: the buffers live on one device in one floating dtype (:attr:`AdapterStore.device` / ``dtype``).
+:meth:`AdapterStore.to` moves them (weights cast, ``slot_ranks`` int32 and ``slot_scales`` float32 kept, grouped
+targets kept as views of their group); a patched model calls :meth:`AdapterStore.follow` from ``model.to(...)``,
+``.half()``, ``.cuda()``, so the buffers move with the model.
+
 A user's profile is a list of ``(adapter, weight)`` pairs (shared + personal adapters as in OPPU / PROPER /
 FDLoRA, mixtures as in iLoRA): the K weighted slots of the batch metadata.
 """
@@ -23,6 +28,14 @@ import torch
 from pllm_kernels.store.peft_import import AdapterError, LoRAAdapter, load_peft_adapter
 
 __all__ = ["AdapterStore", "GroupBuffers", "TargetSpec", "TargetBuffers", "UserProfile", "UnknownUserError"]
+
+
+def _norm_device(device) -> torch.device:
+    """``device`` with its index filled in (``"cuda"`` -> ``cuda:<current>``), as tensors report it."""
+    d = torch.device(device)
+    if d.index is None and d.type not in ("cpu", "meta"):
+        d = torch.empty(0, device=d).device
+    return d
 
 
 class UnknownUserError(KeyError):
@@ -124,7 +137,8 @@ class AdapterStore:
         targets: the patched layers (name as in the model's ``named_modules()``).
         num_slots: slot capacity: the most distinct adapters one batch may use.
         max_rank: the largest LoRA rank accepted.
-        dtype, device: of the slot buffers (the model's).
+        dtype, device: of the slot buffers (the model's); :meth:`to` moves them later (a patched model does it
+            from ``model.to(...)``).
     """
 
     def __init__(self, targets: Sequence[TargetSpec], num_slots: int = 8, max_rank: int = 16,
@@ -135,8 +149,10 @@ class AdapterStore:
             raise ValueError(f"max_rank must be >= 1, got {max_rank}")
         self.num_slots = int(num_slots)
         self.max_rank = int(max_rank)
+        if not dtype.is_floating_point:
+            raise TypeError(f"the slot buffers need a floating dtype, got {dtype}")
         self.dtype = dtype
-        self.device = torch.device(device)
+        self.device = _norm_device(device)
         self.targets: dict[str, TargetSpec] = {t.name: t for t in targets}
         self.groups: dict[str, GroupBuffers] = {}
         self.group_of: dict[str, tuple[GroupBuffers, int]] = {}  # target name -> (group, slice index)
@@ -323,8 +339,9 @@ class AdapterStore:
                 continue
             r = w.rank
             buf.lora_a[slot, 0, :r].copy_(w.a.to(self.dtype))
-            if buf.folded_scale:
-                buf.lora_b[slot, :, :r].copy_((w.b.float() * w.scale).to(self.dtype))
+            if buf.folded_scale:  # scale * B rounded once, from at least float32 (float64 for float64 buffers)
+                acc = torch.promote_types(self.dtype, torch.float32)
+                buf.lora_b[slot, :, :r].copy_((w.b.to(acc) * w.scale).to(self.dtype))
             else:
                 buf.lora_b[slot, :, :r].copy_(w.b.to(self.dtype))
             buf.slot_ranks[slot] = r
@@ -337,6 +354,67 @@ class AdapterStore:
         self._owner[slot] = name
         self._slot_of[name] = slot
         self.loads += 1
+
+    # ----------------------------------------------------------------------------------------- placement
+    def to(self, device=None, dtype: torch.dtype | None = None) -> AdapterStore:
+        """Move the slot buffers to ``device`` and / or cast the adapter weights to ``dtype`` (a floating dtype).
+
+        ``slot_ranks`` stay int32 and ``slot_scales`` float32 (only their device changes); a grouped target's
+        ``lora_a`` / ``lora_b`` stay views of its group's moved tensors. A device move copies the buffers; a dtype
+        change (or leaving ``meta``, whose tensors hold no values) allocates new buffers and loads the resident
+        adapters again from their host copies into the same slots, so ``model.half()`` then ``model.float()``
+        loses no precision. The routing :meth:`resolve` builds and later slot loads use the new placement.
+        Not thread-safe with a concurrent forward. Returns ``self``.
+        """
+        device = self.device if device is None else _norm_device(device)
+        dtype = self.dtype if dtype is None else dtype
+        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+            raise TypeError(f"the slot buffers need a floating dtype, got {dtype}")
+        if device == self.device and dtype == self.dtype:
+            return self
+        fresh = dtype != self.dtype or self.device.type == "meta"
+
+        def weights(t: torch.Tensor) -> torch.Tensor:
+            return torch.zeros(t.shape, dtype=dtype, device=device) if fresh else t.to(device)
+
+        def small(t: torch.Tensor, fill: float = 0.0) -> torch.Tensor:
+            if self.device.type == "meta":
+                return torch.full(t.shape, fill, dtype=t.dtype, device=device)
+            return t.to(device)
+
+        # Everything is allocated before anything is replaced: a failed move (out of memory) changes nothing.
+        new_groups = {n: (weights(g.lora_a), weights(g.lora_b), small(g.slot_ranks), small(g.slot_scales, 1.0))
+                      for n, g in self.groups.items()}
+        new_bufs = {n: (None if n in self.group_of else (weights(b.lora_a), weights(b.lora_b)),
+                        small(b.slot_ranks), small(b.slot_scales)) for n, b in self.buffers.items()}
+        for n, g in self.groups.items():
+            g.lora_a, g.lora_b, g.slot_ranks, g.slot_scales = new_groups[n]
+        for n, buf in self.buffers.items():
+            ab, buf.slot_ranks, buf.slot_scales = new_bufs[n]
+            if ab is None:  # a group member: views of the group's new tensors
+                g, i = self.group_of[n]
+                ab = g.member_views(i)
+            buf.lora_a, buf.lora_b = ab
+        self.device, self.dtype = device, dtype
+        if fresh:  # the new buffers are zero: put the resident adapters back (not counted as cache misses)
+            loads = self.loads
+            for slot, name in enumerate(list(self._owner)):
+                if name is not None:
+                    self._load(name, slot)
+            self.loads = loads
+        return self
+
+    def follow(self, fn) -> None:
+        """Follow a conversion of the model: ``fn`` is the function ``nn.Module._apply`` maps over its tensors
+        (``model.to(...)``, ``.half()``, ``.bfloat16()``, ``.float()``, ``.cuda()``, ``.cpu()``, ``.to_empty()``).
+
+        The buffers go where ``fn`` sends a tensor of the store's dtype on the store's device: a device change
+        moves them, a floating dtype change casts the weights (ranks and scales keep their dtypes). Cheap when
+        nothing changes, so every patched layer calls it.
+        """
+        probe = fn(torch.zeros((), dtype=self.dtype, device=self.device))
+        if isinstance(probe, torch.Tensor):
+            self.to(probe.device, probe.dtype if probe.is_floating_point() else None)
 
     def acquire(self, names: Sequence[str]) -> dict[str, int]:
         """Make every adapter in ``names`` resident; returns name -> slot. Evicts least-recently-used slots."""
