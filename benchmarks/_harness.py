@@ -266,18 +266,56 @@ def _bench_cuda(fn: Callable[[], None], warmup: float, rep: float) -> tuple[tupl
     return _time_cuda_events(fn, warmup, rep), "cuda_events"
 
 
+def _end_pool_routing(pool) -> None:
+    try:
+        torch._C._cuda_endAllocateToPool(torch.cuda.current_device(), pool)
+    except Exception:  # routing already ended (newer torch) or never begun (failed before capture_begin)
+        pass
+
+
+def _end_failed_capture(caller, pool) -> None:
+    """Undo what a failed capture (a host sync or a forbidden call inside it) leaves behind in torch 2.11, so that
+    the fallback timing and every later case run normally:
+
+    * ``torch.cuda.graph.__exit__`` raises in ``capture_end()`` before it restores the caller's stream;
+    * ``capture_end()`` raises before ending the allocator's routing to the graph's pool: every later
+      ``torch.cuda.empty_cache()`` (which each capture calls) then fails an internal assert
+      (``captures_underway.empty()``, fixed upstream by pytorch#180395);
+    * the default CUDA generator stays in capture mode (its capture epilogue never ran): every later draw from it
+      raises "Offset increment outside graph capture". A small capture that succeeds runs the epilogue.
+    """
+    if torch.cuda.current_stream() != caller:
+        torch.cuda.set_stream(caller)
+    _end_pool_routing(pool)
+    heal_pool = torch.cuda.graph_pool_handle()
+    try:
+        scratch = torch.zeros(1, device=torch.device("cuda", torch.cuda.current_device()))
+        with torch.cuda.graph(torch.cuda.CUDAGraph(), pool=heal_pool):
+            scratch.add_(1)
+    except Exception:  # the caller reports the first failure
+        if torch.cuda.current_stream() != caller:
+            torch.cuda.set_stream(caller)
+        _end_pool_routing(heal_pool)
+
+
 def _capture_graph(unit_all: Callable[[], None]):
     """Capture ``unit_all`` in a CUDA graph after a warm-up on a side stream; returns the graph or raises."""
+    caller = torch.cuda.current_stream()
     side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
+    side.wait_stream(caller)
     with torch.cuda.stream(side):
         for _ in range(2):
             unit_all()
-    torch.cuda.current_stream().wait_stream(side)
+    caller.wait_stream(side)
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        unit_all()
+    pool = torch.cuda.graph_pool_handle()  # our own handle: a failed capture's pool routing can be ended below
+    try:
+        with torch.cuda.graph(graph, pool=pool):
+            unit_all()
+    except BaseException:
+        _end_failed_capture(caller, pool)
+        raise
     torch.cuda.synchronize()
     graph.replay()
     torch.cuda.synchronize()

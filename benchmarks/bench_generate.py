@@ -14,14 +14,18 @@ number of new tokens (EOS disabled). Backends: ``ours`` (patched model, one meta
 ``decode_tok_s`` = B * (new_tokens - 1) / (time(new_tokens) - time(1)), the decode-only rate. Targets (GPU):
 ours >= 5x peft_mixed decode at 32 users, ours within 15 % of merged; (CPU) ours faster than peft_mixed at 8 users.
 Our per-layer value checks are off (``PLLM_CHECK_VALUES=0``): the store validates adapters at registration.
+A backend that raises gets a row with the error in ``note`` while the others are still measured (exit code 1);
+with ``--budget-s``, a case is skipped when the last case's time, scaled by users, no longer fits.
 """
 
 from __future__ import annotations
 
 import copy
+import gc
 import os
 import sys
 import time
+import traceback
 
 import torch
 
@@ -49,6 +53,18 @@ def _profile(args):
 def _sync(device):
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize()
+
+
+def _sync_quietly(device):
+    try:
+        _sync(device)
+    except Exception:  # a sticky CUDA error: the next case reports it
+        pass
+
+
+def _kind(backend: str) -> str:
+    """``kind`` column: the plot table picks its "best" among our backends, not the baselines."""
+    return "ours" if backend == "ours" else "baseline"
 
 
 def build_base(prof, seed=0):
@@ -114,16 +130,31 @@ def run_case(prof, n_users: int, backends, verbose=True) -> list[dict]:
         gens["ours"] = lambda i, m, kw: pm.generate(i, attention_mask=m, users=users, **kw)
     new = prof["new"]
     best = {name: [float("inf"), float("inf")] for name in gens}
+    failed = {}  # a backend that raises is reported in its row and dropped; the others are still measured
+
+    def attempt(name, fn):
+        try:
+            fn()
+        except Exception as e:
+            traceback.print_exc()
+            failed[name] = f"error: {type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
+            gens.pop(name)
+            best.pop(name)
+            _sync_quietly(device)
+
+    def time_backend(name, gen):
+        best[name][0] = min(best[name][0], _time_once(gen, ids, mask, new, device))
+        best[name][1] = min(best[name][1], _time_once(gen, ids, mask, 1, device))
+
     old = os.environ.get("PLLM_CHECK_VALUES")
     os.environ["PLLM_CHECK_VALUES"] = "0"
     try:
         with torch.no_grad():
-            for gen in gens.values():  # warm-up
-                gen(ids, mask, _gen_kwargs(2))
+            for name, gen in list(gens.items()):  # warm-up
+                attempt(name, lambda gen=gen: gen(ids, mask, _gen_kwargs(2)))
             for _ in range(prof["reps"]):
-                for name, gen in gens.items():
-                    best[name][0] = min(best[name][0], _time_once(gen, ids, mask, new, device))
-                    best[name][1] = min(best[name][1], _time_once(gen, ids, mask, 1, device))
+                for name, gen in list(gens.items()):
+                    attempt(name, lambda name=name, gen=gen: time_backend(name, gen))
     finally:
         if old is None:
             os.environ.pop("PLLM_CHECK_VALUES", None)
@@ -139,13 +170,16 @@ def run_case(prof, n_users: int, backends, verbose=True) -> list[dict]:
             print(f"  {name:<11} users={n_users:<3} e2e {B * new / t_full:10.1f} tok/s   decode {dec:10.1f} tok/s")
     rows = []
     for name, r in results.items():
-        row = dict(bench="generate", case=f"users={n_users}", backend=name, users=n_users, batch=B,
+        row = dict(bench="generate", case=f"users={n_users}", backend=name, kind=_kind(name), users=n_users, batch=B,
                    prompt=prof["prompt"], new_tokens=new, median_ms=r["ms"], method="perf_counter(best of reps)",
                    e2e_tok_s=r["e2e"], decode_tok_s=r["decode"])
         for other in ("peft_mixed", "merged"):
             if other in results and other != name:
                 row[f"ratio_vs_{other}"] = r["decode"] / results[other]["decode"]
         rows.append(row)
+    for name, note in failed.items():
+        rows.append(dict(bench="generate", case=f"users={n_users}", backend=name, kind=_kind(name), users=n_users,
+                         batch=B, prompt=prof["prompt"], new_tokens=new, note=note))
     return rows
 
 
@@ -180,24 +214,38 @@ def main(argv=None) -> int:
     print(f"bench_generate on {env['device']} (torch {env['torch']}, transformers {env['transformers']}, "
           f"peft {env['peft']}, sha {env['git_sha']})")
     all_rows = []
+    errors = 0
+    last = None  # (users, seconds) of the last case: a case's time grows about linearly with its users
     for u in prof["users"]:
-        if budget.expired():
-            print(f"budget spent; skipping users={u}")
+        need = last[1] * u / last[0] if last else 0.0
+        if budget.expired() or need > budget.left():
+            print(f"budget: {max(budget.left(), 0):.0f}s left, users={u} needs ~{need:.0f}s; skipping it")
             continue
-        rows = run_case(prof, u, backends)
+        t0 = time.perf_counter()
+        try:
+            rows = run_case(prof, u, backends)
+        except Exception:  # building the contenders failed: report it, try the next case
+            traceback.print_exc()
+            errors += 1
+            rows = []
+        last = (u, time.perf_counter() - t0)
+        errors += sum(str(r.get("note", "")).startswith("error") for r in rows)
         all_rows += rows
         if not args.no_csv and rows:  # per case: a run cut short by a timeout keeps what it measured
             path = H.append_rows(args.csv or CSV, rows)
         by = {r["backend"]: r for r in rows}
-        if "ours" in by and "peft_mixed" in by:
+        if "ratio_vs_peft_mixed" in by.get("ours", {}):
             print(f"  users={u}: ours / peft_mixed decode = {by['ours']['ratio_vs_peft_mixed']:.2f}x")
-        if "ours" in by and "merged" in by:
+        if "ratio_vs_merged" in by.get("ours", {}):
             print(f"  users={u}: ours / merged decode = {by['ours']['ratio_vs_merged']:.2f}")
         if prof["gpu"]:
+            gc.collect()  # models and PEFT wrappers hold reference cycles: free them before the next, larger case
             torch.cuda.empty_cache()
     if not args.no_csv and all_rows:
         print(f"wrote {len(all_rows)} rows to {path}")
-    return 0
+    if errors:
+        print(f"bench_generate: {errors} failure(s), see the tracebacks above", file=sys.stderr)
+    return 1 if errors else 0
 
 
 if __name__ == "__main__":

@@ -40,12 +40,14 @@ def make_case(T=7, h_in=32, slice_sizes=(24,), ranks=(8, 4, 1), max_rank=8, K=1,
     a = torch.randn(L, S, max_rank, h_in, generator=g) / h_in**0.5
     b = torch.randn(L, N, max_rank, generator=g) / max_rank**0.5
     # Padding beyond each slot's rank holds garbage that every backend must ignore.
+    # Non-contiguous views are cut after the cast: .to() of a non-dense view (another dtype or device) is contiguous.
+    cast = dict(dtype=dtype, device=device)
     if x_noncontig:
-        x = torch.randn(T, 2 * h_in, generator=g)[:, ::2]
+        x = torch.randn(T, 2 * h_in, generator=g).to(**cast)[:, ::2]
     else:
         x = torch.randn(T, h_in, generator=g)
     if y_noncontig:
-        y = torch.randn(T, N + 5, generator=g)[:, 3 : 3 + N]
+        y = torch.randn(T, N + 5, generator=g).to(**cast)[:, 3 : 3 + N]
     else:
         y = torch.randn(T, N, generator=g)
     if slots is None:
@@ -56,7 +58,6 @@ def make_case(T=7, h_in=32, slice_sizes=(24,), ranks=(8, 4, 1), max_rank=8, K=1,
     K = slots.shape[1]
     weights = (torch.rand(T, K, generator=g) + 0.5).float()
     scales = (torch.rand(L, generator=g) + 0.5).float()
-    cast = dict(dtype=dtype, device=device)
     x, y, a, b = x.to(**cast), y.to(**cast), a.to(**cast), b.to(**cast)
     slots, weights = slots.to(device), weights.to(device)
     return LoRACase(

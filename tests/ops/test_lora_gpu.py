@@ -61,7 +61,8 @@ def test_cuda_graph_capture_and_replay():
         y.copy_(y_base)
         ops.lora_apply(y, x, c.lora_a, c.lora_b, c.slot_ranks, c.slot_scales, bufs.meta, c.slice_sizes)
 
-    bufs.fill(c.token_slots)
+    # make_case draws random token weights and the reference reads them: the captured fill must route them too
+    bufs.fill(c.token_slots, c.token_weights)
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(s):
@@ -69,14 +70,14 @@ def test_cuda_graph_capture_and_replay():
     torch.cuda.current_stream().wait_stream(s)
     g = torch.cuda.CUDAGraph()
     with torch.cuda.graph(g):
-        bufs.fill(c.token_slots)
+        bufs.fill(c.token_slots, c.token_weights)
         step()
     for seed in range(3):
         slots = torch.randint(-1, L, (T, 1), generator=torch.Generator().manual_seed(seed)).cuda()
         c.token_slots.copy_(slots)  # the captured fill reads this tensor
         g.replay()
         torch.cuda.synchronize()
-        c.meta = build_lora_meta(slots, L)
+        c.meta = build_lora_meta(slots, L, c.token_weights)
         c.y = y_base.clone()
         assert_close(y, _ref(c), torch.bfloat16)
 

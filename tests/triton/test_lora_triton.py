@@ -254,7 +254,9 @@ def test_apply_gpu(path, name, dtype):
     """The interpreter cannot check bf16 tl.dot: run every apply path on the GPU (bf16 tolerance 5e-2)."""
     case = CASES[name]
     d = _build(case, dtype, _gen("gpu", path, name, dtype))
-    d = {k: (v.cuda() if isinstance(v, torch.Tensor) else v) for k, v in d.items()}
+    # same strides on the GPU (.cuda() of the stride-2 view of x would make it contiguous); y is re-cut from y_full
+    d = {k: (torch.empty_strided(v.shape, v.stride(), dtype=v.dtype, device="cuda").copy_(v)
+             if isinstance(v, torch.Tensor) else v) for k, v in d.items()}
     d["y"] = d["y_full"][:, 3 : 3 + sum(case.sizes)] if case.y_layout == "colslice" else d["y_full"]
     m = build_lora_meta(d["slots"], case.L, d["weights"], chunk=case.chunk)
     y_full0 = d["y_full"].clone()
