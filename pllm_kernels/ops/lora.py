@@ -45,7 +45,8 @@ def _memo(t: torch.Tensor, tag, fn):
 
 
 def _runs(token_slots: torch.Tensor, sorted_pairs: torch.Tensor, num_slots: int) -> list:
-    """Runs of equal (k, slot) in sorted pair order, as ``[(k, slot, pair_rows)]``. Host-side (syncs on CUDA)."""
+    """Runs of equal (k, slot) in sorted pair order, as ``[(k, slot, pair_rows, start)]`` (``pair_rows`` =
+    ``sorted_pairs[start : start + len]``). Host-side (syncs on CUDA)."""
     return _memo(sorted_pairs, ("runs", num_slots, id(token_slots), token_slots._version),
                  lambda: list(_compute_runs(token_slots, sorted_pairs, num_slots)))
 
@@ -61,7 +62,7 @@ def _compute_runs(token_slots: torch.Tensor, sorted_pairs: torch.Tensor, num_slo
     for u, c in zip(uniq.tolist(), counts.tolist()):
         if u >= 0:
             k, slot = divmod(u, num_slots)
-            yield k, slot, order[start : start + c]
+            yield k, slot, order[start : start + c], start
         start += c
 
 
@@ -71,7 +72,7 @@ def _shrink_torch(out, x, lora_a, slot_ranks, token_slots, sorted_pairs):
     out.zero_()
     ranks = slot_ranks.clamp(0, R).tolist()
     acc = out.dtype
-    for _, slot, rows in _runs(token_slots, sorted_pairs, lora_a.shape[0]):
+    for _, slot, rows, _ in _runs(token_slots, sorted_pairs, lora_a.shape[0]):
         r = ranks[slot]
         if r == 0:
             continue
@@ -91,7 +92,7 @@ def _expand_torch(y, v, lora_b, slot_ranks, slot_scales, token_slots, token_weig
         offsets.append(offsets[-1] + n)
     weights = token_weights.to(acc)
     scales = slot_scales.to(acc)
-    for k, slot, rows in _runs(token_slots, sorted_pairs, lora_b.shape[0]):
+    for k, slot, rows, _ in _runs(token_slots, sorted_pairs, lora_b.shape[0]):
         tokens = rows % T
         touched[tokens] = True
         r = ranks[slot]
@@ -143,21 +144,40 @@ def _apply_torch(y, x, lora_a, lora_b, slot_ranks, slot_scales, token_slots, tok
         delta = d.view(K, T, N).sum(0) if K > 1 else d.view(T, N)
         y.index_copy_(0, idx, (y.index_select(0, idx).to(acc) + delta.index_select(0, idx)).to(y.dtype))
         return
+    # Per-run loop: the run plan (tokens per run, positions in sorted order) is memoized per forward; per call,
+    # one vectorized product gives every pair's weight * scale, each run reads a view of it (no per-run indexing).
+    order, slot_sorted, plan = _memo(sorted_pairs, ("apply_runs", L, id(token_slots), token_slots._version),
+                                     lambda: _run_plan(runs, token_slots, sorted_pairs, L))
+    coef = (token_weights.t().reshape(-1).index_select(0, order).to(acc)
+            * slot_scales.index_select(0, slot_sorted).to(acc))[:, None]
     ranks = slot_ranks.clamp(0, R).tolist()
-    scales = slot_scales.tolist()
-    for k, slot, rows in runs:
+    for _k, slot, tokens, start, n in plan:
         r = ranks[slot]
         if r == 0:
             continue
-        tokens = rows - k * T
-        v = x.index_select(0, tokens).to(acc) @ lora_a[slot, :, :r].reshape(S * r, H).to(acc).t()  # (n, S*r)
-        v = v * (token_weights[tokens, k].to(acc) * scales[slot])[:, None]
-        b = lora_b[slot, :, :r].to(acc)
+        xs = x.index_select(0, tokens)
+        a = lora_a[slot, :, :r].reshape(S * r, H)
+        if xs.dtype != acc:
+            xs, a = xs.to(acc), a.to(acc)
+        v = torch.mm(xs, a.t()).mul_(coef[start : start + n])  # (n, S*r)
+        b = lora_b[slot, :, :r]
+        if b.dtype != acc:
+            b = b.to(acc)
         if S == 1:
-            d = v @ b.t()
+            d = torch.mm(v, b.t())
         else:
-            d = torch.cat([v[:, s * r : (s + 1) * r] @ b[offsets[s] : offsets[s + 1]].t() for s in range(S)], dim=1)
-        y.index_add_(0, tokens, d.to(y.dtype))
+            d = torch.cat([torch.mm(v[:, s * r : (s + 1) * r], b[offsets[s] : offsets[s + 1]].t()) for s in range(S)],
+                          dim=1)
+        y.index_add_(0, tokens, d if d.dtype == y.dtype else d.to(y.dtype))
+
+
+def _run_plan(runs, token_slots, sorted_pairs, num_slots):
+    """``(order, slot of each sorted pair (clamped), [(k, slot, tokens, start, n)])``: what the per-run loop of
+    :func:`_apply_torch` derives from the routing alone (once per forward)."""
+    T = token_slots.shape[0]
+    order = sorted_pairs.long()
+    slot_sorted = token_slots.t().reshape(-1).index_select(0, order).long().clamp(0, num_slots - 1)
+    return order, slot_sorted, [(k, slot, rows - k * T, start, int(rows.numel())) for k, slot, rows, start in runs]
 
 
 def _gather_plan(token_slots, token_weights, num_slots, acc):
