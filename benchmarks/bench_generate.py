@@ -68,7 +68,7 @@ def _kind(backend: str) -> str:
 
 
 def build_base(prof, seed=0):
-    from pllm_kernels.hf.tiny import llama_1b_config, tiny_model
+    from pllm_kernels.testing import llama_1b_config, tiny_model
 
     if prof["gpu"]:
         import transformers as tf
@@ -105,7 +105,7 @@ def run_case(prof, n_users: int, backends, verbose=True) -> list[dict]:
     """Build the three contenders on identical weights, then time them interleaved (best of ``reps`` rounds:
     robust to a noisy shared machine)."""
     from pllm_kernels.hf import patch_model
-    from pllm_kernels.hf.tiny import left_padded_batch, peft_reference
+    from pllm_kernels.testing import left_padded_batch, peft_reference
 
     device = prof["device"]
     base = build_base(prof)

@@ -27,9 +27,6 @@ def check_meta(meta, token_slots):
     assert sorted(seen) == expected
     # sorted_pairs is a permutation, stable within each (k, slot)
     assert sorted(meta.sorted_pairs.tolist()) == list(range(K * T))
-    for k in range(K):
-        for s in range(L):
-            assert int(meta.slot_counts[k, s]) == sum(1 for t in range(T) if int(token_slots[t, k]) == s)
 
 
 @pytest.mark.parametrize("T,K,L,chunk", [(1, 1, 1, 16), (37, 1, 5, 4), (64, 2, 33, 16), (300, 2, 3, 64), (5, 3, 2, 2)])
@@ -63,14 +60,14 @@ def test_no_host_sync_ops_only():
 
 def test_preallocated_buffers_keep_addresses():
     buf = LoRAMetaBuffers(num_tokens=20, k=1, num_slots=4, device="cpu", chunk=8)
-    ptrs = [t.data_ptr() for t in buf.meta[:7]]
+    ptrs = [t.data_ptr() for t in buf.meta[:6]]
     for seed in range(3):
         slots = torch.randint(-1, 4, (20, 1), generator=torch.Generator().manual_seed(seed))
         meta = buf.fill(slots)
-        assert [t.data_ptr() for t in meta[:7]] == ptrs
+        assert [t.data_ptr() for t in meta[:6]] == ptrs
         check_meta(meta, slots)
         fresh = build_lora_meta(slots, 4, chunk=8)
-        for a, b in zip(meta[:7], fresh[:7]):
+        for a, b in zip(meta[:6], fresh[:6]):
             assert torch.equal(a, b)
 
 
@@ -100,5 +97,5 @@ def test_meta_tensors_contiguous_for_strided_inputs():
     rows = torch.tensor([[0, 1], [1, -1], [2, 0]], dtype=torch.int32).t().contiguous().t()  # strided (3, 2)
     w = torch.rand(2, 3).t()
     meta = PersonalBatch.from_rows(rows, 3, w, seq_len=1).lora
-    assert all(t.is_contiguous() for t in meta[:7])
+    assert all(t.is_contiguous() for t in meta[:6])
     assert meta.token_weights.tolist() == w.tolist()

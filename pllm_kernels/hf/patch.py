@@ -9,22 +9,34 @@
     out = pm.generate(input_ids, attention_mask=mask, users=["alice", None, "bob"], max_new_tokens=32)
     pm.unpatch()                                                  # the original modules are back
 
-A forward pre-hook on the model builds the :class:`pllm_kernels.batch.PersonalBatch` once per forward call
-(prefill and every decode step of ``generate``) from the rows' users and the current tokens' attention mask; the
-patched layers only read it. Rows follow the same order through the KV-cache decode steps, so per-row routing
+Each call resolves its users into a :class:`pllm_kernels.batch.BatchPlan` (the adapter slots it needs are pinned
+until the call returns). A forward pre-hook on the model builds the :class:`pllm_kernels.batch.PersonalBatch` once
+per forward (prefill and every decode step of ``generate``) from that plan and the current tokens' attention mask;
+the patched layers only read it. Rows follow the same order through the KV-cache decode steps, so per-row routing
 holds for the whole generation.
+
+Concurrency contract: ``forward`` / ``generate`` may be called from several threads on one patched model. Each
+call's plan and batches are private to its thread (context variables), slot acquisition is atomic, and slots used
+by a call in flight are never evicted; a call that needs more slots than the calls in flight leave free waits for
+them up to ``store.busy_timeout`` seconds, then raises :class:`pllm_kernels.store.SlotsBusyError`. Registering and
+removing users / adapters is safe at any time (an adapter in use by a call in flight cannot be replaced or removed:
+:class:`pllm_kernels.store.AdapterInUseError`). Moving the model (``model.to``) while calls are in flight is not
+supported. The GPU work of concurrent calls is ordered by the CUDA stream each thread uses.
 """
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 from contextlib import contextmanager
 
 import torch
 from torch import nn
 
+from pllm_kernels.batch import ForwardContext, resolve_plan
 from pllm_kernels.hf.targets import PatchError, find_targets
-from pllm_kernels.modules.multi_lora import LoRAContext, LoRAGroup, MultiLoRALinear
+from pllm_kernels.modules.multi_lora import LoRAGroup, MultiLoRALinear
+from pllm_kernels.ops._backend import BACKENDS
 from pllm_kernels.store.adapter_store import AdapterStore, TargetSpec, UserProfile
 
 __all__ = ["PersonalizedModel", "patch_model", "unpatch_model"]
@@ -48,11 +60,11 @@ def _batch_input(args, kwargs) -> tuple[str, torch.Tensor] | None:
 class PersonalizedModel(nn.Module):
     """A patched causal LM plus its :class:`AdapterStore`. ``forward`` / ``generate`` take ``users=[...]``.
 
-    Attributes: ``model`` (the patched HF model), ``store`` (adapters, users, slots), ``context`` (per-forward
-    routing shared by the layers), ``patched`` (target name -> :class:`MultiLoRALinear`).
+    Attributes: ``model`` (the patched HF model), ``store`` (adapters, users, slots), ``context`` (per-call
+    routing shared by the layers, private to each thread), ``patched`` (target name -> :class:`MultiLoRALinear`).
     """
 
-    def __init__(self, model: nn.Module, store: AdapterStore, context: LoRAContext,
+    def __init__(self, model: nn.Module, store: AdapterStore, context: ForwardContext,
                  patched: dict[str, MultiLoRALinear], how: str):
         super().__init__()
         self.model = model
@@ -68,8 +80,9 @@ class PersonalizedModel(nn.Module):
     # ---------------------------------------------------------------------------------------- hooks
     def _pre_hook(self, module, args, kwargs):
         ctx = self.context
-        if ctx.rows is None:
-            ctx.batch = None
+        plan = ctx.plan
+        if plan is None or not plan.active_slots:
+            ctx.begin(0, 0)  # pushes "no batch" for this forward
             return None
         found = _batch_input(args, kwargs)
         if found is None:
@@ -82,13 +95,11 @@ class PersonalizedModel(nn.Module):
                 f"model.to(...) / .cuda() after patch_model (the slot buffers follow it) and pass inputs on the "
                 f"model's device, or move the store alone with store.to({str(x.device)!r})"
             )
-        row_slots, row_weights = ctx.rows
-        if row_slots.device != x.device:  # routed before the model (and its store) moved
-            ctx.rows = (row_slots.to(x.device), row_weights.to(x.device))
         mask = kwargs.get("attention_mask")
         if mask is None and len(args) > 1 and isinstance(args[1], torch.Tensor):
             mask = args[1]
-        ctx.begin(int(x.shape[0]), int(x.shape[1]), mask if isinstance(mask, torch.Tensor) else None)
+        with ctx.request(plan.to(x.device)):  # routed before the model (and its store) moved
+            ctx.begin(int(x.shape[0]), int(x.shape[1]), mask if isinstance(mask, torch.Tensor) else None)
         return None
 
     def _post_hook(self, module, args, output):
@@ -114,30 +125,79 @@ class PersonalizedModel(nn.Module):
     # ------------------------------------------------------------------------------------- routing
     @contextmanager
     def users(self, users: Sequence[str | None] | None):
-        """Route every forward inside the block by ``users`` (one entry per row; ``None`` = base model)."""
+        """Serve every forward inside the block (in this thread) with ``users`` (one entry per row; ``None`` = base
+        model). The adapter slots the users need are pinned until the block exits."""
         if users is None:
-            with self.context.using(None, None):
+            with self.context.request(None):
                 yield self
             return
-        if isinstance(users, str):
-            raise TypeError("users must be a sequence with one entry per row, not a string")
-        row_slots, row_weights, active = self.store.resolve(list(users))
-        with self.context.using(row_slots, row_weights, active):
-            yield self
+        plan = resolve_plan(self.store, users)
+        try:
+            with self.context.request(plan):
+                yield self
+        finally:
+            plan.release()
+
+    def set_backend(self, backend: str | None = None, strategy: str = "auto") -> None:
+        """Backend of every patched layer's ``lora_apply`` (``None`` = the process default, ``PLLM_BACKEND``);
+        ``strategy`` for the torch backend (``auto`` / ``gather`` / ``runs``)."""
+        if backend is not None and backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS} or None, got {backend!r}")
+        if strategy not in ("auto", "gather", "runs"):
+            raise ValueError(f"strategy must be 'auto', 'gather' or 'runs', got {strategy!r}")
+        for layer in self.patched.values():
+            layer.__dict__["lora_backend"] = backend
+            layer.__dict__["lora_strategy"] = strategy
 
     def _check_rows(self, users, x):
-        if users is not None and isinstance(x, torch.Tensor) and x.dim() >= 2 and x.shape[0] != len(users):
-            raise ValueError(f"got {len(users)} users for a batch of {x.shape[0]} rows")
+        if users is None:
+            return
+        if isinstance(users, (str, bytes)):
+            raise TypeError(f"users must be a list with one user id (or None) per row, not the string {users!r}; "
+                            f"for one row write users=[{users!r}]")
+        if isinstance(x, torch.Tensor) and x.dim() >= 2 and x.shape[0] != len(users):
+            raise ValueError(f"users: got {len(users)} users for a batch of {x.shape[0]} rows")
+
+    def _position_ids(self, x, attention_mask, kwargs):
+        """Position ids from the attention mask (left padding), as ``generate`` makes them, unless given: for
+        models with absolute (learned) position embeddings such as GPT-2. Rotary models are shift-invariant, so
+        they need none and keep the plain forward's output bit for bit."""
+        if "position_ids" in kwargs or not isinstance(attention_mask, torch.Tensor) or attention_mask.dim() != 2:
+            return
+        if not isinstance(x, torch.Tensor) or x.dim() < 2 or not self._absolute_positions():
+            return
+        pos = attention_mask.long().cumsum(-1) - 1
+        pos.masked_fill_(attention_mask == 0, 1)
+        kwargs["position_ids"] = pos[:, -x.shape[1]:]
+
+    def _absolute_positions(self) -> bool:
+        """Whether the model takes ``position_ids`` and has absolute position embeddings (no rotary config)."""
+        takes = self.__dict__.get("_abs_pos")
+        if takes is None:
+            try:
+                takes = "position_ids" in inspect.signature(self.model.forward).parameters
+            except (TypeError, ValueError):
+                takes = False
+            cfg = getattr(self.model, "config", None)
+            rotary = any(getattr(cfg, a, None) is not None for a in ("rope_theta", "rope_parameters", "rope_scaling"))
+            takes = takes and not rotary
+            self.__dict__["_abs_pos"] = takes
+        return takes
 
     def forward(self, input_ids=None, attention_mask=None, users: Sequence[str | None] | None = None, **kwargs):
-        """The model's forward with per-row users (``None`` rows, or ``users=None``, run the base model)."""
-        self._check_rows(users, input_ids if input_ids is not None else kwargs.get("inputs_embeds"))
+        """The model's forward with per-row users (``None`` rows, or ``users=None``, run the base model).
+
+        Without ``position_ids``, models with absolute position embeddings (GPT-2) get them from
+        ``attention_mask`` as ``generate`` makes them, so a left-padded row gets the positions it would have alone."""
+        x = input_ids if input_ids is not None else kwargs.get("inputs_embeds")
+        self._check_rows(users, x)
+        self._position_ids(x, attention_mask, kwargs)
         with self.users(users):
             return self.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
 
     def generate(self, input_ids=None, attention_mask=None, users: Sequence[str | None] | None = None, **kwargs):
         """``model.generate`` with per-row users: left padding, KV cache, greedy or sampling."""
-        self._check_rows(users, input_ids)
+        self._check_rows(users, input_ids if input_ids is not None else kwargs.get("inputs_embeds"))
         with self.users(users):
             return self.model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
 
@@ -171,7 +231,8 @@ def _input_groups(found) -> list[list[str]]:
 
 
 def patch_model(model: nn.Module, *, num_slots: int = 8, max_rank: int = 16, target_modules=None,
-                dtype: torch.dtype | None = None, fuse_projections: bool = True) -> PersonalizedModel:
+                dtype: torch.dtype | None = None, fuse_projections: bool = True, backend: str | None = None,
+                busy_timeout: float = 30.0) -> PersonalizedModel:
     """Patch ``model`` (a loaded HF causal LM) in place: target layers become :class:`MultiLoRALinear`.
 
     Args:
@@ -182,20 +243,29 @@ def patch_model(model: nn.Module, *, num_slots: int = 8, max_rank: int = 16, tar
         dtype: of the slot buffers (default: each target's weight dtype).
         fuse_projections: run the adapters of projections that read the same input (q/k/v, gate/up) as the
             slices of one multi-slice ``lora_apply`` (x read once, 4 instead of 7 calls per Llama layer).
+        backend: of the layers' ``lora_apply`` (``None`` = the process default; see
+            :meth:`PersonalizedModel.set_backend`).
+        busy_timeout: seconds a call waits for adapter slots held by calls in flight (see the concurrency contract).
     Returns:
         a :class:`PersonalizedModel`; ``.unpatch()`` (or :func:`unpatch_model`) reverts.
     """
+    if not isinstance(model, nn.Module):
+        raise PatchError(f"model must be a torch.nn.Module (a loaded HF causal LM), got {type(model).__name__}")
     if getattr(model, _ATTR, None) is not None:
         raise PatchError(f"{type(model).__name__} is already patched; unpatch it first")
+    _check_model_kind(model)
+    if backend is not None and backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS} or None, got {backend!r}")
     found, how = find_targets(model, target_modules)
     weight = found[0][1].weight
     dtype = dtype or weight.dtype
     device = weight.device
     specs = [TargetSpec(name, fin, fout) for name, _, fin, fout in found]
     groups = _input_groups(found) if fuse_projections else []
-    store = AdapterStore(specs, num_slots=num_slots, max_rank=max_rank, dtype=dtype, device=device, groups=groups)
+    store = AdapterStore(specs, num_slots=num_slots, max_rank=max_rank, dtype=dtype, device=device, groups=groups,
+                         busy_timeout=busy_timeout)
     runtimes = {g.name: LoRAGroup(g) for g in store.groups.values()}
-    context = LoRAContext(num_slots)
+    context = ForwardContext(num_slots)
     patched: dict[str, MultiLoRALinear] = {}
     for name, mod, fin, fout in found:
         parent_name, _, child = name.rpartition(".")
@@ -205,12 +275,27 @@ def patch_model(model: nn.Module, *, num_slots: int = 8, max_rank: int = 16, tar
             g, i = store.group_of[name]
             group = (runtimes[g.name], i, name)
         wrapped = MultiLoRALinear(mod, store.buffers[name], context, fin, fout, group=group, name=name,
-                                  on_apply=store.follow)
+                                  on_apply=store.follow, backend=backend)
         setattr(parent, child, wrapped)
         patched[name] = wrapped
     pm = PersonalizedModel(model, store, context, patched, how)
     model.__dict__[_ATTR] = pm
     return pm
+
+
+def _check_model_kind(model: nn.Module) -> None:
+    """Refuse models the per-row routing does not serve, naming what is missing."""
+    cfg = getattr(model, "config", None)
+    name = type(model).__name__
+    if cfg is not None and getattr(cfg, "is_encoder_decoder", False):
+        raise PatchError(
+            f"{name} is an encoder-decoder model ({getattr(cfg, 'model_type', '?')}): only decoder-only causal LMs "
+            "are supported (the per-row routing follows the decoder's tokens; an encoder's tokens have another "
+            "layout). Load a decoder-only model (AutoModelForCausalLM)"
+        )
+    if cfg is not None and hasattr(model, "get_output_embeddings") and model.get_output_embeddings() is None:
+        raise PatchError(f"{name} has no language-model head: patch a causal LM (AutoModelForCausalLM), not the "
+                         "bare decoder")
 
 
 def unpatch_model(model_or_pm) -> nn.Module:

@@ -2,9 +2,10 @@
 
 The layer keeps the original module as ``base_layer`` (weights untouched), computes its output, then adds
 ``sum_k w[t,k] * scale[slot] * B[slot] A[slot] x[t]`` for every token through :func:`pllm_kernels.ops.lora_apply`
-on the ``(tokens, out_features)`` view of that output. The routing comes from a :class:`LoRAContext` shared by
-every patched layer and filled **once per model forward** (a :class:`pllm_kernels.batch.PersonalBatch`), never
-rebuilt per layer. Rows whose slots are all ``-1`` keep the base output bit for bit.
+on the ``(tokens, out_features)`` view of that output. The routing comes from the model's
+:class:`pllm_kernels.batch.ForwardContext`: a :class:`pllm_kernels.batch.PersonalBatch` built **once per model
+forward** and private to the calling thread, never rebuilt per layer; layers keep no per-call state of their own,
+so concurrent forwards on one model are safe. Rows whose slots are all ``-1`` keep the base output bit for bit.
 
 The wrapper is transparent to ``state_dict`` / ``load_state_dict`` (keys as without it: ``q_proj.weight``, not
 ``q_proj.base_layer.weight``; the slot buffers are not in it) and to ``model.to(...)`` / ``.half()`` / ``.cuda()``,
@@ -14,15 +15,14 @@ which move the base layer and then hand the conversion to the store that owns th
 from __future__ import annotations
 
 import weakref
-from contextlib import contextmanager
 
 import torch
 from torch import nn
 
-from pllm_kernels.batch import PersonalBatch
+from pllm_kernels.batch import ForwardContext, PersonalBatch
 from pllm_kernels.ops.lora import lora_apply
 
-__all__ = ["LoRAContext", "LoRAGroup", "MultiLoRALinear"]
+__all__ = ["LoRAGroup", "MultiLoRALinear"]
 
 
 def _check_device(where: str, x: torch.Tensor, lora_a: torch.Tensor) -> None:
@@ -54,100 +54,43 @@ def _wrap_state_dict(module, state_dict, prefix, local_metadata, strict, missing
         state_dict[inner + k[len(prefix):]] = state_dict.pop(k)
 
 
-class LoRAContext:
-    """Per-forward state shared by the patched layers of one model.
-
-    * ``rows``: ``(row_slots (B, K) int32, row_weights (B, K) float32)`` of the current request, or ``None``.
-    * ``active_slots``: host list of the slots the request uses (lets a layer skip itself without a sync).
-    * ``batch``: the :class:`PersonalBatch` of the forward being run (set by a pre-hook, cleared after).
-    """
-
-    def __init__(self, num_slots: int):
-        self.num_slots = int(num_slots)
-        self.rows: tuple[torch.Tensor, torch.Tensor] | None = None
-        self.active_slots: list[int] = []
-        self.batch: PersonalBatch | None = None
-        self.builds = 0  # PersonalBatch builds so far (one per model forward)
-
-    @contextmanager
-    def using(self, row_slots: torch.Tensor | None, row_weights: torch.Tensor | None, active_slots=()):
-        """Route the forwards inside the block by these per-row slots (restores the previous routing after)."""
-        prev = (self.rows, self.active_slots)
-        self.rows = None if row_slots is None else (row_slots, row_weights)
-        self.active_slots = list(active_slots)
-        try:
-            yield self
-        finally:
-            self.rows, self.active_slots = prev
-
-    def begin(self, batch_size: int, seq_len: int, attention_mask: torch.Tensor | None = None) -> None:
-        """Build the forward's :class:`PersonalBatch` for a padded ``(batch_size, seq_len)`` token layout.
-
-        ``attention_mask`` ``(B, S_total)`` (the last ``seq_len`` columns are the current tokens): padding
-        positions are routed to ``-1``. Rows are repeated when the model runs ``n`` sequences per request row
-        (``num_return_sequences``, beams), in HF's ``repeat_interleave`` order.
-        """
-        self.batch = None
-        if self.rows is None or not self.active_slots:
-            return
-        row_slots, row_weights = self.rows
-        n = row_slots.shape[0]
-        if batch_size != n:
-            if n == 0 or batch_size % n:
-                raise ValueError(f"the forward has {batch_size} rows but {n} users were given")
-            rep = batch_size // n
-            row_slots = row_slots.repeat_interleave(rep, dim=0)
-            row_weights = row_weights.repeat_interleave(rep, dim=0)
-        mask = None
-        if attention_mask is not None and attention_mask.dim() == 2 and attention_mask.shape[0] == batch_size \
-                and attention_mask.shape[1] >= seq_len:
-            mask = attention_mask[:, attention_mask.shape[1] - seq_len:]
-        if mask is not None:
-            self.batch = PersonalBatch.from_rows(row_slots, self.num_slots, row_weights, attention_mask=mask)
-        else:
-            self.batch = PersonalBatch.from_rows(row_slots, self.num_slots, row_weights, seq_len=seq_len)
-        self.builds += 1
-
-    def end(self) -> None:
-        self.batch = None
-
-
 class LoRAGroup:
     """Runtime side of a group of targets that read the same input (q/k/v, gate/up; see the store's
     ``GroupBuffers``): the first member called in a forward computes the LoRA deltas of every member with one
     multi-slice ``lora_apply`` (x read once, one call instead of one per member) and each member adds its slice.
 
-    The deltas are reused only by the members called with the very same input tensor (identity and version) in
-    the same forward; anything else (a member fed another input, a member called twice) recomputes, so sharing is
-    never wrong, only sometimes not taken. The deltas are released once every member has used them.
+    The deltas live in the forward's :class:`PersonalBatch` (``scratch``), never on this object, and are reused
+    only by the members called with the very same input tensor in the same forward; anything else (a member fed
+    another input, a member called twice) recomputes, so sharing is never wrong, only sometimes not taken. They are
+    released once every member has used them.
     """
 
     def __init__(self, buffers):
         self.buffers = buffers  # the store's GroupBuffers (its tensors are replaced when the store moves)
-        self._x = None  # weakref to the input the cached deltas belong to
-        self._key = None
-        self._delta = None
-        self._left: set[str] = set()
         self._validated = None
 
-    def delta(self, member: str, x: torch.Tensor, x2: torch.Tensor, ctx, meta) -> torch.Tensor:
+    def delta(self, member: str, x: torch.Tensor, x2: torch.Tensor, batch: PersonalBatch, meta,
+              backend=None, strategy="auto") -> torch.Tensor:
         """``(tokens, sum(slice widths))`` deltas of every member for input ``x`` (``x2``: its 2-D view)."""
-        key = (ctx.builds, x._version, tuple(x.shape), x.device)
-        if self._x is None or self._x() is not x or self._key != key or member not in self._left:
-            g = self.buffers
+        g = self.buffers
+        key = ("group", g.name)
+        hit = batch.scratch.get(key)
+        if hit is None or hit[0]() is not x or hit[1] != (tuple(x.shape), x.device) or member not in hit[3]:
             vkey = (x2.device, x2.dtype, meta.num_slots, meta.k, g.lora_a.data_ptr(), g.lora_a.device)
-            if self._validated != vkey:
+            validate = self._validated != vkey
+            if validate:
                 _check_device(f"{member} (group {g.name})", x2, g.lora_a)
             d = torch.zeros(x2.shape[0], sum(g.slice_sizes), dtype=x2.dtype, device=x2.device)
             lora_apply(d, x2, g.lora_a, g.lora_b, g.slot_ranks, g.slot_scales, meta, g.slice_sizes,
-                       validate=self._validated != vkey)
+                       backend=backend, strategy=strategy, validate=validate)
             self._validated = vkey
-            self._x, self._key, self._delta, self._left = weakref.ref(x), key, d, set(g.members)
-        self._left.discard(member)
-        d = self._delta
-        if not self._left:
-            self._x = self._delta = None
-        return d
+            hit = (weakref.ref(x), (tuple(x.shape), x.device), d, set(g.members))
+            batch.scratch[key] = hit
+        left = hit[3]
+        left.discard(member)
+        if not left:
+            batch.scratch.pop(key, None)
+        return hit[2]
 
 
 class MultiLoRALinear(nn.Module):
@@ -157,17 +100,19 @@ class MultiLoRALinear(nn.Module):
         base_layer: the original module (kept as ``self.base_layer``; called unchanged).
         buffers: the target's slot buffers (:class:`pllm_kernels.store.TargetBuffers`: ``lora_a (L, S, R, in)``,
             ``lora_b (L, out, R)``, ``slot_ranks``, ``slot_scales``, ``slice_sizes``, ``ranks_host``).
-        context: the model's :class:`LoRAContext`.
+        context: the model's :class:`pllm_kernels.batch.ForwardContext`.
         in_features, out_features: of the base layer (for ``Conv1D`` the weight is ``(in, out)``).
         group: ``(LoRAGroup, slice index, target name)`` when this target shares its input with siblings.
         name: the target's name in the model (for error messages).
         on_apply: called with the function of every ``nn.Module._apply`` (``model.to(...)``, ``.half()``,
             ``.cuda()``, ...) after the base layer was converted: the owner of the slot buffers converts them
             (:meth:`pllm_kernels.store.AdapterStore.follow`; it must be cheap when nothing changes).
+        backend, strategy: passed to :func:`pllm_kernels.ops.lora_apply` (``None`` = the process default backend).
     """
 
-    def __init__(self, base_layer: nn.Module, buffers, context: LoRAContext, in_features: int, out_features: int,
-                 group: tuple[LoRAGroup, int, str] | None = None, *, name: str = "", on_apply=None):
+    def __init__(self, base_layer: nn.Module, buffers, context: ForwardContext, in_features: int, out_features: int,
+                 group: tuple[LoRAGroup, int, str] | None = None, *, name: str = "", on_apply=None,
+                 backend: str | None = None, strategy: str = "auto"):
         super().__init__()
         self.base_layer = base_layer
         self.in_features = int(in_features)
@@ -180,6 +125,8 @@ class MultiLoRALinear(nn.Module):
         self.__dict__["lora_group"] = group
         self.__dict__["lora_name"] = name or "MultiLoRALinear"
         self.__dict__["lora_on_apply"] = on_apply
+        self.__dict__["lora_backend"] = backend
+        self.__dict__["lora_strategy"] = strategy
         if hasattr(self, "register_state_dict_post_hook"):  # public since torch 2.5; the private forms before
             self.register_state_dict_post_hook(_unwrap_state_dict)
             self.register_load_state_dict_pre_hook(_wrap_state_dict)
@@ -209,14 +156,14 @@ class MultiLoRALinear(nn.Module):
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         y = self.base_layer(x, *args, **kwargs)
-        ctx = self.lora_context
-        batch = ctx.batch
+        batch = self.lora_context.batch
         if batch is None or batch.lora is None:
             return y
         buf = self.lora_buffers
         group = self.lora_group
         # A grouped member follows its group's activity so that every member consumes the shared deltas.
-        if not (group[0].buffers if group is not None else buf).active(ctx.active_slots):
+        if batch.lora_slots is not None and not (group[0].buffers if group is not None else buf).active(
+                batch.lora_slots):
             return y
         meta = batch.lora
         x2 = x.reshape(-1, self.in_features)
@@ -233,7 +180,9 @@ class MultiLoRALinear(nn.Module):
         if group is not None:
             runtime, i, name = group
             off = runtime.buffers.offsets[i]
-            y2.add_(runtime.delta(name, x, x2, ctx, meta)[:, off : off + self.out_features])
+            d = runtime.delta(name, x, x2, batch, meta, self.lora_backend, self.lora_strategy)
+            y2.add_(d[:, off : off + self.out_features] if d.dtype == y2.dtype else
+                    d[:, off : off + self.out_features].to(y2.dtype))
             return y
         # Full argument checks once per (device, dtype, routing layout, buffer placement); after that the per-call
         # checks are skipped (~150 calls per decode step): the store validated the adapters and built the routing.
@@ -243,7 +192,7 @@ class MultiLoRALinear(nn.Module):
             _check_device(self.lora_name, x2, buf.lora_a)
         out = y2 if y2.dtype == x2.dtype else torch.zeros(y2.shape, dtype=x2.dtype, device=x2.device)
         lora_apply(out, x2, buf.lora_a, buf.lora_b, buf.slot_ranks, buf.slot_scales, meta, buf.slice_sizes,
-                   validate=validate)
+                   backend=self.lora_backend, strategy=self.lora_strategy, validate=validate)
         if out is not y2:
             y2.add_(out.to(y2.dtype))
         if validate:

@@ -24,7 +24,6 @@ class LoRAMeta(NamedTuple):
     * ``seg_slot``      ``(K, G)`` int32: slot of each chunk (``-1`` = unused chunk).
     * ``seg_start``     ``(K, G)`` int32: first position of the chunk in ``sorted_pairs``.
     * ``seg_len``       ``(K, G)`` int32: rows in the chunk, ``0 <= len <= chunk``.
-    * ``slot_counts``   ``(K, num_slots)`` int32: pairs routed to each slot, per k.
 
     ``G = ceil(T / chunk) + num_slots`` bounds the chunks of one k column. The chunks of one k column never
     touch the same token twice, so an expand over one k column is race-free.
@@ -36,7 +35,6 @@ class LoRAMeta(NamedTuple):
     seg_slot: torch.Tensor
     seg_start: torch.Tensor
     seg_len: torch.Tensor
-    slot_counts: torch.Tensor
     num_slots: int
     chunk: int
 

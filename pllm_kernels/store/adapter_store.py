@@ -6,7 +6,16 @@ and ``slot_scales (num_slots,)`` float32. An adapter occupies the *same* slot in
 adapter does not cover (``target_modules``, ``layers_to_transform``) has rank 0 in that slot.
 
 Registered adapters live in host memory; they are copied into a slot when a batch needs them (slots are reused
-least-recently-used first). More distinct adapters in one batch than slots is an error for now.
+least-recently-used first). More distinct adapters in one batch than slots is an error.
+
+Concurrency: every method takes the store's lock, so registrations, removals and slot acquisition are atomic.
+:meth:`AdapterStore.lease` pins the slots a request uses until the lease is released (a forward / generate in
+flight): pinned slots are never evicted, and a request that needs more free slots than the unpinned ones waits up
+to ``busy_timeout`` seconds for other requests to finish, then fails with :class:`SlotsBusyError`. Replacing or
+removing an adapter that a request in flight uses fails with :class:`AdapterInUseError`.
+
+Adapter values are checked finite **in the dtype of the slot buffers** (with the scale folded in where a grouped
+target stores ``scale * B``), so an fp16 model refuses a ``lora_B`` of 1e5 at registration instead of serving inf.
 
 Placement: the buffers live on one device in one floating dtype (:attr:`AdapterStore.device` / ``dtype``).
 :meth:`AdapterStore.to` moves them (weights cast, ``slot_ranks`` int32 and ``slot_scales`` float32 kept, grouped
@@ -20,14 +29,28 @@ FDLoRA, mixtures as in iLoRA): the K weighted slots of the batch metadata.
 from __future__ import annotations
 
 import itertools
+import math
+import threading
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
-from pllm_kernels.store.peft_import import AdapterError, LoRAAdapter, load_peft_adapter
+from pllm_kernels.store.peft_import import AdapterError, LoRAAdapter, LoRAModuleWeights, load_peft_adapter
 
-__all__ = ["AdapterStore", "GroupBuffers", "TargetSpec", "TargetBuffers", "UserProfile", "UnknownUserError"]
+__all__ = [
+    "AdapterInUseError",
+    "AdapterStore",
+    "GroupBuffers",
+    "SlotLease",
+    "SlotsBusyError",
+    "TargetBuffers",
+    "TargetSpec",
+    "UnknownUserError",
+    "UserProfile",
+]
 
 
 def _norm_device(device) -> torch.device:
@@ -43,6 +66,14 @@ class UnknownUserError(KeyError):
 
     def __str__(self) -> str:  # KeyError quotes its argument; keep the message readable
         return str(self.args[0]) if self.args else "unknown user"
+
+
+class SlotsBusyError(RuntimeError):
+    """A request needs more free adapter slots than requests in flight leave (after waiting ``busy_timeout``)."""
+
+
+class AdapterInUseError(AdapterError):
+    """An adapter cannot be replaced or removed while a request in flight uses it."""
 
 
 @dataclass(frozen=True)
@@ -66,7 +97,6 @@ class TargetBuffers:
     """
 
     def __init__(self, spec: TargetSpec, num_slots: int, max_rank: int, dtype, device, views=None):
-        self.spec = spec
         S = len(spec.slices())
         if views is None:
             self.lora_a = torch.zeros(num_slots, S, max_rank, spec.in_features, dtype=dtype, device=device)
@@ -78,7 +108,6 @@ class TargetBuffers:
         self.slot_scales = torch.zeros(num_slots, dtype=torch.float32, device=device)
         self.ranks_host = [0] * num_slots  # host mirror: lets a layer skip itself without a device sync
         self.slice_sizes = list(spec.slices())
-        self.zero_padded = True  # the store keeps every slot zero beyond its rank (and zero when empty)
 
     def active(self, slots) -> bool:
         """Whether any of ``slots`` (host ints) has weights at this target."""
@@ -120,14 +149,49 @@ class GroupBuffers:
 
 @dataclass
 class UserProfile:
-    """A user's personalization assets: K weighted LoRA adapters (more asset kinds come with later layers)."""
+    """Every personalization asset of one user; a request resolves it into one row plan
+    (:class:`pllm_kernels.batch.RowPlan`).
+
+    * ``adapters``: K weighted LoRA adapters ``[(adapter name, weight)]`` (shared + personal, mixtures).
+    * ``owned``: the adapters registered *for* this user (``register_user(source=...)``): removed with the user
+      when no other user references them.
+    * ``steering``, ``soft_prompt``, ``decoding``, ``seed``: input-layer and decoding assets (filled by the
+      steering / soft-prompt and decoding APIs; empty means "none").
+    """
 
     user_id: str
     adapters: list[tuple[str, float]] = field(default_factory=list)
+    owned: list[str] = field(default_factory=list)
+    steering: list[Any] = field(default_factory=list)
+    soft_prompt: Any = None
+    decoding: Any = None
+    seed: int | None = None
 
     @property
     def k(self) -> int:
         return len(self.adapters)
+
+
+class SlotLease:
+    """Slots pinned for one request (see :meth:`AdapterStore.lease`): ``slot_of`` maps adapter name -> slot.
+    ``release()`` unpins them (idempotent); also a context manager."""
+
+    def __init__(self, store: AdapterStore, slot_of: dict[str, int]):
+        self._store = store
+        self.slot_of = slot_of
+        self.slots = sorted(set(slot_of.values()))
+        self._released = False
+
+    def release(self) -> None:
+        if not self._released:
+            self._released = True
+            self._store._unpin(self.slots)
+
+    def __enter__(self) -> SlotLease:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
 
 
 class AdapterStore:
@@ -139,20 +203,23 @@ class AdapterStore:
         max_rank: the largest LoRA rank accepted.
         dtype, device: of the slot buffers (the model's); :meth:`to` moves them later (a patched model does it
             from ``model.to(...)``).
+        busy_timeout: seconds a request waits for slots pinned by requests in flight before
+            :class:`SlotsBusyError` (0 = fail at once).
     """
 
     def __init__(self, targets: Sequence[TargetSpec], num_slots: int = 8, max_rank: int = 16,
-                 dtype=torch.float32, device="cpu", groups: Sequence[Sequence[str]] = ()):
-        if num_slots < 1:
-            raise ValueError(f"num_slots must be >= 1, got {num_slots}")
-        if max_rank < 1:
-            raise ValueError(f"max_rank must be >= 1, got {max_rank}")
+                 dtype=torch.float32, device="cpu", groups: Sequence[Sequence[str]] = (), busy_timeout: float = 30.0):
+        if isinstance(num_slots, bool) or not isinstance(num_slots, int) or num_slots < 1:
+            raise ValueError(f"num_slots must be an int >= 1, got {num_slots!r}")
+        if isinstance(max_rank, bool) or not isinstance(max_rank, int) or max_rank < 1:
+            raise ValueError(f"max_rank must be an int >= 1, got {max_rank!r}")
         self.num_slots = int(num_slots)
         self.max_rank = int(max_rank)
-        if not dtype.is_floating_point:
+        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
             raise TypeError(f"the slot buffers need a floating dtype, got {dtype}")
         self.dtype = dtype
         self.device = _norm_device(device)
+        self.busy_timeout = float(busy_timeout)
         self.targets: dict[str, TargetSpec] = {t.name: t for t in targets}
         self.groups: dict[str, GroupBuffers] = {}
         self.group_of: dict[str, tuple[GroupBuffers, int]] = {}  # target name -> (group, slice index)
@@ -179,7 +246,10 @@ class AdapterStore:
         self._slot_of: dict[str, int] = {}
         self._owner: list[str | None] = [None] * self.num_slots
         self._last_used = [0] * self.num_slots
+        self._pins = [0] * self.num_slots  # requests in flight using each slot
         self._clock = itertools.count(1)
+        self._lock = threading.RLock()
+        self._unpinned = threading.Condition(self._lock)
         self.loads = 0  # adapter -> slot copies so far (a cache-miss counter)
 
     # ------------------------------------------------------------------------------------------ adapters
@@ -210,8 +280,28 @@ class AdapterStore:
                 )
             if len(spec.slices()) != 1:
                 raise AdapterError(f"adapter {adapter.name!r}: {mod} is a multi-slice target; not supported yet")
-            if not torch.isfinite(w.a).all() or not torch.isfinite(w.b).all():
-                raise AdapterError(f"adapter {adapter.name!r}: non-finite weights at {mod}")
+            self._check_values(adapter.name, mod, w, self.dtype)
+
+    def _slot_values(self, target: str, w: LoRAModuleWeights, dtype: torch.dtype):
+        """``(A, B, scale)`` as a slot of ``target`` stores them in ``dtype`` (grouped targets fold the scale)."""
+        if target in self.group_of:  # scale * B rounded once, from at least float32
+            acc = torch.promote_types(dtype, torch.float32)
+            return w.a.to(dtype), (w.b.to(acc) * w.scale).to(dtype), 1.0
+        return w.a.to(dtype), w.b.to(dtype), w.scale
+
+    def _check_values(self, name: str, target: str, w: LoRAModuleWeights, dtype: torch.dtype) -> None:
+        """Finite in the slot buffers' dtype, scale finite in float32 (the ``slot_scales`` dtype)."""
+        if not (isinstance(w.scale, (int, float)) and math.isfinite(w.scale) and abs(w.scale) < 3.4e38):
+            raise AdapterError(f"adapter {name!r}: the LoRA scale (lora_alpha / r) at {target} is {w.scale}; it "
+                               "must be finite in float32")
+        a, b, _ = self._slot_values(target, w, dtype)
+        for what, t in (("lora_A", a), ("lora_B", b)):
+            if not bool(torch.isfinite(t).all()):
+                raise AdapterError(
+                    f"adapter {name!r}: non-finite {what} values at {target} in the slot buffers' dtype {dtype} "
+                    "(NaN / inf in the file, or values beyond the dtype's range"
+                    f"{', after folding the scale' if target in self.group_of and what == 'lora_B' else ''})"
+                )
 
     def _parse(self, name: str, source, config) -> LoRAAdapter:
         adapter = source if isinstance(source, LoRAAdapter) else load_peft_adapter(source, config, name=name)
@@ -219,16 +309,34 @@ class AdapterStore:
         self._validate(adapter)
         return adapter
 
+    def _users_of(self, adapter: str) -> list[str]:
+        return [u for u, p in self.users.items() if any(a == adapter for a, _ in p.adapters)]
+
     def add_adapter(self, name: str, source, config=None, *, replace: bool = False) -> LoRAAdapter:
         """Register a PEFT LoRA adapter (directory, state dict + config, or a parsed :class:`LoRAAdapter`).
 
-        Validated completely (file, features, every module's shape) before anything is stored.
+        Validated completely (file, features, every module's shape and values) before anything is stored.
+        ``replace=True`` replaces an adapter of that name for every user that references it (not while a request
+        in flight uses it: :class:`AdapterInUseError`).
         """
-        if name in self.adapters and not replace:
-            raise AdapterError(f"adapter {name!r} is already registered (pass replace=True)")
-        adapter = self._parse(name, source, config)
-        self._commit_adapters({name: adapter})
+        if not isinstance(name, str) or not name:
+            raise AdapterError(f"adapter names are non-empty strings, got {name!r}")
+        with self._lock:
+            if name in self.adapters and not replace:
+                raise AdapterError(f"adapter {name!r} is already registered (pass replace=True)")
+        adapter = self._parse(name, source, config)  # parsing (file I/O) outside the lock
+        with self._lock:
+            if name in self.adapters and not replace:
+                raise AdapterError(f"adapter {name!r} is already registered (pass replace=True)")
+            self._check_not_in_flight([name], "replace")
+            self._commit_adapters({name: adapter})
         return adapter
+
+    def _check_not_in_flight(self, names, what: str) -> None:
+        busy = [n for n in names if n in self._slot_of and self._pins[self._slot_of[n]] > 0]
+        if busy:
+            raise AdapterInUseError(f"cannot {what} adapter(s) {busy}: a forward / generate in flight uses them; "
+                                    "retry when it has finished")
 
     def _commit_adapters(self, adapters: Mapping[str, LoRAAdapter]) -> None:
         for name, adapter in adapters.items():
@@ -237,14 +345,19 @@ class AdapterStore:
             self.adapters[name] = adapter
 
     def remove_adapter(self, name: str) -> None:
-        users = [u for u, p in self.users.items() if any(a == name for a, _ in p.adapters)]
-        if users:
-            raise AdapterError(f"adapter {name!r} is used by users {users}; remove them first")
-        if name not in self.adapters:
-            raise AdapterError(f"unknown adapter {name!r}")
-        if name in self._slot_of:
-            self._free_slot(self._slot_of[name])
-        del self.adapters[name]
+        with self._lock:
+            users = self._users_of(name)
+            if users:
+                raise AdapterError(f"adapter {name!r} is used by users {users}; remove them first")
+            if name not in self.adapters:
+                raise AdapterError(f"unknown adapter {name!r}")
+            self._check_not_in_flight([name], "remove")
+            if name in self._slot_of:
+                self._free_slot(self._slot_of[name])
+            del self.adapters[name]
+            for p in self.users.values():
+                if name in p.owned:
+                    p.owned.remove(name)
 
     # --------------------------------------------------------------------------------------------- users
     @staticmethod
@@ -255,9 +368,12 @@ class AdapterStore:
         for e in adapters:
             if isinstance(e, str):
                 out.append((e, 1.0))
-            else:
+                continue
+            try:
                 n, w = e
                 out.append((str(n), float(w)))
+            except (TypeError, ValueError):
+                raise AdapterError(f"adapters: each entry is a name or a (name, weight) pair, got {e!r}") from None
         return out
 
     def add_user(self, user_id: str, adapters, *, replace: bool = False) -> UserProfile:
@@ -271,45 +387,90 @@ class AdapterStore:
         Args:
             user_id: the user's id (a string).
             source, config: the user's own PEFT adapter (directory, or state dict + config), stored as
-                ``adapter_name`` (default: the user id) with weight ``weight``.
+                ``adapter_name`` (default: the user id) with weight ``weight``; owned by the user (removed with it).
             adapters: further ``(adapter_name, weight)`` entries of already registered adapters (e.g. a shared
                 adapter), or names (weight 1).
-        Nothing is stored if any part fails (bad file, shape mismatch, unknown adapter name).
+            replace: replace an existing user of this id (and the personal adapter it owns). An adapter that
+                other users reference is never replaced here: use ``add_adapter(name, ..., replace=True)``.
+        Nothing is stored if any part fails (bad file, shape mismatch, unknown adapter name, in use).
         """
-        if not isinstance(user_id, str):
-            raise TypeError(f"user ids are strings, got {type(user_id).__name__}")
-        if user_id in self.users and not replace:
-            raise AdapterError(f"user {user_id!r} is already registered (pass replace=True)")
+        if not isinstance(user_id, str) or not user_id:
+            raise TypeError(f"user ids are non-empty strings, got {user_id!r}")
         entries = self._norm_entries(adapters)
-        new: dict[str, LoRAAdapter] = {}
+        aname = None
         if source is not None:
             aname = adapter_name or user_id
-            if aname in self.adapters and not replace:
-                raise AdapterError(f"adapter {aname!r} is already registered (pass replace=True or adapter_name=)")
-            new[aname] = self._parse(aname, source, config)
+            if not isinstance(aname, str):
+                raise AdapterError(f"adapter_name must be a string, got {aname!r}")
+            self._check_register(user_id, aname, replace)
+            parsed = self._parse(aname, source, config)  # parsing (file I/O) outside the lock
             entries = [(aname, float(weight))] + entries
         if not entries:
             raise AdapterError(f"user {user_id!r}: give an adapter source or adapters=[...]")
-        for aname, w in entries:
-            if aname not in self.adapters and aname not in new:
-                raise AdapterError(f"user {user_id!r}: unknown adapter {aname!r} (register it with add_adapter)")
-            if not (w == w and abs(w) != float("inf")):
-                raise AdapterError(f"user {user_id!r}: weight of {aname!r} must be finite, got {w}")
-        self._commit_adapters(new)
-        profile = UserProfile(user_id, entries)
-        self.users[user_id] = profile
+        with self._lock:
+            if aname is not None:
+                self._check_register(user_id, aname, replace)
+            for n, w in entries:
+                if n not in self.adapters and n != aname:
+                    raise AdapterError(f"user {user_id!r}: unknown adapter {n!r} (register it with add_adapter)")
+                if not math.isfinite(w):
+                    raise AdapterError(f"user {user_id!r}: weight of {n!r} must be finite, got {w}")
+            old = self.users.get(user_id)
+            drop = [] if old is None else [a for a in old.owned if a != aname and a not in dict(entries)
+                                           and self._users_of(a) == [user_id]]
+            self._check_not_in_flight(drop + ([aname] if aname in self.adapters else []), "replace")
+            if aname is not None:
+                self._commit_adapters({aname: parsed})
+            profile = UserProfile(user_id, entries, owned=[aname] if aname is not None else [])
+            if old is not None:  # keep the other assets of a replaced user
+                profile.owned += [a for a in old.owned if a not in profile.owned and a not in drop]
+                profile.steering, profile.soft_prompt = old.steering, old.soft_prompt
+                profile.decoding, profile.seed = old.decoding, old.seed
+            self.users[user_id] = profile
+            for a in drop:
+                self._drop_adapter(a)
         return profile
 
+    def _check_register(self, user_id: str, aname: str, replace: bool) -> None:
+        with self._lock:
+            if user_id in self.users and not replace:
+                raise AdapterError(f"user {user_id!r} is already registered (pass replace=True)")
+            if aname in self.adapters:
+                others = [u for u in self._users_of(aname) if u != user_id]
+                owner = user_id in self.users and aname in self.users[user_id].owned
+                if others:
+                    raise AdapterError(
+                        f"adapter {aname!r} is already registered and used by users {others}: register_user never "
+                        f"replaces it; pass adapter_name= for a personal adapter, or replace the shared one by name "
+                        f"with add_adapter({aname!r}, ..., replace=True)"
+                    )
+                if not (replace and owner):
+                    raise AdapterError(f"adapter {aname!r} is already registered (pass adapter_name=, or "
+                                       "replace=True to replace this user's own adapter)")
+
+    def _drop_adapter(self, name: str) -> None:
+        if name in self._slot_of:
+            self._free_slot(self._slot_of[name])
+        self.adapters.pop(name, None)
+
     def remove_user(self, user_id: str) -> None:
-        if user_id not in self.users:
-            raise UnknownUserError(f"unknown user {user_id!r}")
-        del self.users[user_id]
+        """Remove a user and the adapters it owns that no other user references."""
+        with self._lock:
+            if user_id not in self.users:
+                raise UnknownUserError(f"unknown user {user_id!r}")
+            p = self.users[user_id]
+            drop = [a for a in p.owned if self._users_of(a) == [user_id]]
+            self._check_not_in_flight(drop, "remove")
+            del self.users[user_id]
+            for a in drop:
+                self._drop_adapter(a)
 
     def profile(self, user_id: str) -> UserProfile:
-        try:
-            return self.users[user_id]
-        except KeyError:
-            raise UnknownUserError(f"unknown user {user_id!r} (registered: {self._some_users()})") from None
+        with self._lock:
+            try:
+                return self.users[user_id]
+            except KeyError:
+                raise UnknownUserError(f"unknown user {user_id!r} (registered: {self._some_users()})") from None
 
     def _some_users(self) -> str:
         names = list(self.users)
@@ -326,26 +487,29 @@ class AdapterStore:
             buf.slot_ranks[slot] = 0
 
     def _load(self, name: str, slot: int) -> None:
+        """Copy adapter ``name`` into ``slot`` of every target; on failure the slot is left empty (rank 0)."""
         adapter = self.adapters[name]
         self._free_slot(slot)
-        for tname, buf in self.buffers.items():
+        # Convert (and check) everything before writing, so a failure leaves no half-loaded slot.
+        values = {}
+        for tname in self.buffers:
             w = adapter.modules.get(tname)
-            buf.lora_a[slot].zero_()  # zero padding beyond the rank: TargetBuffers.zero_padded
+            if w is not None:
+                self._check_values(name, tname, w, self.dtype)
+                values[tname] = (*self._slot_values(tname, w, self.dtype), w.rank)
+        for tname, buf in self.buffers.items():
+            buf.lora_a[slot].zero_()  # zero padding beyond the rank (the kernels never read it anyway)
             buf.lora_b[slot].zero_()
-            if w is None:
+            if tname not in values:
                 buf.slot_ranks[slot] = 0
                 buf.slot_scales[slot] = 0.0
                 buf.ranks_host[slot] = 0
                 continue
-            r = w.rank
-            buf.lora_a[slot, 0, :r].copy_(w.a.to(self.dtype))
-            if buf.folded_scale:  # scale * B rounded once, from at least float32 (float64 for float64 buffers)
-                acc = torch.promote_types(self.dtype, torch.float32)
-                buf.lora_b[slot, :, :r].copy_((w.b.to(acc) * w.scale).to(self.dtype))
-            else:
-                buf.lora_b[slot, :, :r].copy_(w.b.to(self.dtype))
+            a, b, scale, r = values[tname]
+            buf.lora_a[slot, 0, :r].copy_(a)
+            buf.lora_b[slot, :, :r].copy_(b)
             buf.slot_ranks[slot] = r
-            buf.slot_scales[slot] = 1.0 if buf.folded_scale else w.scale
+            buf.slot_scales[slot] = scale
             buf.ranks_host[slot] = r
         for g in self.groups.values():
             r = max(self.buffers[m].ranks_host[slot] for m in g.members)
@@ -363,8 +527,8 @@ class AdapterStore:
         ``lora_a`` / ``lora_b`` stay views of its group's moved tensors. A device move copies the buffers; a dtype
         change (or leaving ``meta``, whose tensors hold no values) allocates new buffers and loads the resident
         adapters again from their host copies into the same slots, so ``model.half()`` then ``model.float()``
-        loses no precision. The routing :meth:`resolve` builds and later slot loads use the new placement.
-        Not thread-safe with a concurrent forward. Returns ``self``.
+        loses no precision. Routing built afterwards and later slot loads use the new placement.
+        Not to be called while a forward is in flight. Returns ``self``.
         """
         device = self.device if device is None else _norm_device(device)
         dtype = self.dtype if dtype is None else dtype
@@ -372,6 +536,10 @@ class AdapterStore:
             raise TypeError(f"the slot buffers need a floating dtype, got {dtype}")
         if device == self.device and dtype == self.dtype:
             return self
+        with self._lock:
+            return self._move(device, dtype)
+
+    def _move(self, device: torch.device, dtype: torch.dtype) -> AdapterStore:
         fresh = dtype != self.dtype or self.device.type == "meta"
 
         def weights(t: torch.Tensor) -> torch.Tensor:
@@ -400,7 +568,10 @@ class AdapterStore:
             loads = self.loads
             for slot, name in enumerate(list(self._owner)):
                 if name is not None:
-                    self._load(name, slot)
+                    try:
+                        self._load(name, slot)
+                    except AdapterError:  # not representable in the new dtype: refused when a batch asks for it
+                        self._free_slot(slot)
             self.loads = loads
         return self
 
@@ -416,65 +587,88 @@ class AdapterStore:
         if isinstance(probe, torch.Tensor):
             self.to(probe.device, probe.dtype if probe.is_floating_point() else None)
 
-    def acquire(self, names: Sequence[str]) -> dict[str, int]:
-        """Make every adapter in ``names`` resident; returns name -> slot. Evicts least-recently-used slots."""
+    def lease(self, names: Sequence[str], timeout: float | None = None) -> SlotLease:
+        """Make every adapter in ``names`` resident and pin their slots until the lease is released.
+
+        Evicts least-recently-used unpinned slots. When the free and unpinned slots are too few because other
+        requests hold them, waits up to ``timeout`` seconds (default ``busy_timeout``) for releases, then raises
+        :class:`SlotsBusyError`. More distinct adapters than slots raises at once."""
         need = list(dict.fromkeys(names))
         if len(need) > self.num_slots:
             raise RuntimeError(
                 f"this batch uses {len(need)} distinct adapters but the store has {self.num_slots} slots; "
                 "patch with a larger num_slots (max_users) or split the batch"
             )
-        for n in need:
-            if n not in self.adapters:
-                raise AdapterError(f"unknown adapter {n!r}")
-        now = next(self._clock)
-        needed = set(need)
-        for n in need:
-            if n in self._slot_of:
-                self._last_used[self._slot_of[n]] = now
-        for n in need:
-            if n in self._slot_of:
-                continue
-            free = [s for s in range(self.num_slots) if self._owner[s] is None]
-            if free:
-                slot = free[0]
-            else:
-                cands = [s for s in range(self.num_slots) if self._owner[s] not in needed]
-                slot = min(cands, key=lambda s: self._last_used[s])
-            self._load(n, slot)
-            self._last_used[slot] = now
-        return {n: self._slot_of[n] for n in need}
+        timeout = self.busy_timeout if timeout is None else float(timeout)
+        deadline = time.monotonic() + timeout
+        with self._lock:
+            while True:
+                for n in need:
+                    if n not in self.adapters:
+                        raise AdapterError(f"unknown adapter {n!r}")
+                missing = [n for n in need if n not in self._slot_of]
+                needed = set(need)
+                evictable = [s for s in range(self.num_slots)
+                             if self._pins[s] == 0 and self._owner[s] not in needed]
+                if len(missing) <= len(evictable):
+                    break
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise SlotsBusyError(
+                        f"this batch needs {len(missing)} more adapter slot(s) but only {len(evictable)} of "
+                        f"{self.num_slots} are free: the others are pinned by requests in flight (waited "
+                        f"{timeout:g} s); raise num_slots or busy_timeout, or send fewer distinct users at once"
+                    )
+                self._unpinned.wait(left)
+            now = next(self._clock)
+            for n in need:
+                if n in self._slot_of:
+                    self._last_used[self._slot_of[n]] = now
+            for n in missing:
+                free = [s for s in evictable if self._owner[s] is None]
+                slot = free[0] if free else min(evictable, key=lambda s: self._last_used[s])
+                evictable.remove(slot)
+                try:
+                    self._load(n, slot)
+                except Exception:
+                    self._last_used[slot] = 0
+                    raise
+                self._last_used[slot] = now
+            slot_of = {n: self._slot_of[n] for n in need}
+            for s in set(slot_of.values()):
+                self._pins[s] += 1
+            return SlotLease(self, slot_of)
 
-    def resolve(self, users: Sequence[str | None]) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
-        """Users per row -> ``(row_slots (B, K) int32, row_weights (B, K) float32, active slots)``.
+    def _unpin(self, slots) -> None:
+        with self._lock:
+            for s in slots:
+                self._pins[s] -= 1
+            self._unpinned.notify_all()
 
-        ``None`` rows get slot -1 (the base model). K = the most adapters of any user in the batch (>= 1).
-        Unknown users raise :class:`UnknownUserError` naming them.
-        """
-        profiles = []
-        unknown = []
-        for u in users:
-            if u is None:
-                profiles.append(None)
-            elif u in self.users:
-                profiles.append(self.users[u])
-            else:
-                unknown.append(u)
-        if unknown:
-            raise UnknownUserError(
-                f"unknown user(s) {', '.join(map(repr, dict.fromkeys(unknown)))} (registered: {self._some_users()})"
-            )
-        names = [a for p in profiles if p is not None for a, _ in p.adapters]
-        slot_of = self.acquire(names)
-        K = max([p.k for p in profiles if p is not None] + [1])
-        slots = [[-1] * K for _ in profiles]
-        weights = [[0.0] * K for _ in profiles]
-        for b, p in enumerate(profiles):
-            if p is None:
-                continue
-            for k, (a, w) in enumerate(p.adapters):
-                slots[b][k] = slot_of[a]
-                weights[b][k] = w
-        row_slots = torch.tensor(slots, dtype=torch.int32).reshape(len(profiles), K).to(self.device)
-        row_weights = torch.tensor(weights, dtype=torch.float32).reshape(len(profiles), K).to(self.device)
-        return row_slots, row_weights, sorted(set(slot_of.values()))
+    def acquire(self, names: Sequence[str]) -> dict[str, int]:
+        """Make every adapter in ``names`` resident without pinning; returns name -> slot (single-threaded use)."""
+        with self.lease(names, timeout=0) as lease:
+            return dict(lease.slot_of)
+
+    @property
+    def in_flight(self) -> int:
+        """Pins held by requests in flight (0 when idle)."""
+        return sum(self._pins)
+
+    def check_consistent(self) -> None:
+        """Assert the slot bookkeeping is consistent (tests, debugging): owners, ranks and pins agree."""
+        with self._lock:
+            assert all(p >= 0 for p in self._pins), self._pins
+            for name, slot in self._slot_of.items():
+                assert self._owner[slot] == name, (name, slot, self._owner[slot])
+                assert name in self.adapters, name
+            for slot, name in enumerate(self._owner):
+                if name is None:
+                    assert all(b.ranks_host[slot] == 0 for b in self.buffers.values()), slot
+                    continue
+                assert self._slot_of.get(name) == slot, (slot, name)
+                ad = self.adapters[name]
+                for tname, buf in self.buffers.items():
+                    w = ad.modules.get(tname)
+                    r = 0 if w is None else w.rank
+                    assert buf.ranks_host[slot] == r == int(buf.slot_ranks[slot]), (slot, name, tname)

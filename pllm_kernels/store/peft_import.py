@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 import os
 import re
 from collections.abc import Mapping
@@ -28,6 +29,7 @@ __all__ = ["AdapterError", "LoRAModuleWeights", "LoRAAdapter", "load_peft_adapte
 
 _KEY_RE = re.compile(r"^(?P<mod>.+?)\.lora_(?P<ab>A|B)(?:\.(?P<name>[^.]+))?\.weight$")
 _PREFIXES = ("base_model.model.",)
+_F32_MAX = float(torch.finfo(torch.float32).max)
 
 
 class AdapterError(ValueError):
@@ -115,10 +117,114 @@ def _targeted(cfg: dict, key: str) -> bool:
     return match is not None and int(match.group("idx")) in set(int(i) for i in layers)
 
 
+def _short(value, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _field_error(name: str, fld: str, what: str, value) -> AdapterError:
+    return AdapterError(f"adapter {name!r}: config field {fld} must be {what}, got {_short(value)}")
+
+
+def _as_pos_int(value) -> int | None:
+    """``value`` as an int >= 1 (ints and integral floats; never bools or strings), else ``None``."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, numbers.Integral):
+        value = int(value)
+    elif isinstance(value, float) and value.is_integer():
+        value = int(value)
+    else:
+        return None
+    return value if value >= 1 else None
+
+
+def _as_finite_real(value) -> float | None:
+    """``value`` as a finite float (real numbers only; never bools or strings), else ``None``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        return None
+    try:
+        value = float(value)
+    except (OverflowError, ValueError, TypeError):  # e.g. an int too large for a float
+        return None
+    return value if math.isfinite(value) else None
+
+
+def _check_regex(name: str, fld: str, pattern: str, compiled: str) -> None:
+    """``pattern`` (config field ``fld``) must compile as used (``compiled`` embeds it)."""
+    try:
+        re.compile(pattern)  # first on its own, so that a reported error position is one in the user's pattern
+        re.compile(compiled)
+    except re.error as e:
+        raise AdapterError(
+            f"adapter {name!r}: config field {fld} is not a valid regular expression ({pattern!r}: {e})"
+        ) from e
+
+
+def _check_module_names(cfg: dict, name: str, key: str) -> None:
+    """``target_modules`` / ``exclude_modules``: ``None``, a regex string, or a list / tuple / set of names."""
+    value = cfg.get(key)
+    fld = repr(key)
+    if value is None:
+        return
+    if isinstance(value, str):
+        _check_regex(name, fld, value, value)
+        return
+    if not isinstance(value, (list, tuple, set, frozenset)):
+        raise _field_error(name, fld, "None, a regex string or a list of module names", value)
+    for item in value:
+        if not isinstance(item, str):
+            raise _field_error(name, fld, "a list of module names (strings); one entry is not a string", item)
+
+
+def _check_field_types(cfg: dict, name: str) -> None:
+    """Type / range checks of every config field the import reads, so that nothing below can fail on them."""
+    r = cfg.get("r")
+    if r is not None and _as_pos_int(r) is None:
+        raise _field_error(name, "'r'", "a positive integer", r)
+    alpha = cfg.get("lora_alpha")
+    if alpha is not None and _as_finite_real(alpha) is None:
+        raise _field_error(name, "'lora_alpha'", "a finite real number", alpha)
+    for key in ("use_rslora", "use_dora", "fan_in_fan_out"):
+        value = cfg.get(key)
+        if value is not None and not isinstance(value, bool):
+            raise _field_error(name, repr(key), "a bool (true / false)", value)
+    for key, check, what in (
+        ("rank_pattern", _as_pos_int, "a positive integer"),
+        ("alpha_pattern", _as_finite_real, "a finite real number"),
+    ):
+        pattern = cfg.get(key)
+        if pattern is None:
+            continue
+        if not isinstance(pattern, Mapping):
+            raise _field_error(name, repr(key), "a dict of {module pattern: value}", pattern)
+        for pk, value in pattern.items():
+            if not isinstance(pk, str):
+                raise _field_error(name, repr(key), "a dict with string keys (module patterns)", pk)
+            _check_regex(name, f"{key!r}[{pk!r}]", pk, rf"(.*\.)?({pk})$")
+            if check(value) is None:
+                raise _field_error(name, f"{key!r}[{pk!r}]", what, value)
+    _check_module_names(cfg, name, "target_modules")
+    _check_module_names(cfg, name, "exclude_modules")
+    layers = cfg.get("layers_to_transform")
+    if layers is not None:
+        items = [layers] if not isinstance(layers, (list, tuple)) else layers
+        if any(isinstance(i, bool) or not isinstance(i, numbers.Integral) for i in items):
+            raise _field_error(name, "'layers_to_transform'", "None, a layer index or a list of layer indices", layers)
+    lpattern = cfg.get("layers_pattern")
+    if lpattern is not None:
+        items = [lpattern] if isinstance(lpattern, str) else lpattern
+        if not isinstance(items, (list, tuple)) or not all(isinstance(p, str) for p in items):
+            raise _field_error(name, "'layers_pattern'", "None, a regex string or a list of them", lpattern)
+        for p in items:
+            _check_regex(name, "'layers_pattern'", p, rf"(?:^|.*?\.){p}\.(?P<idx>\d+)\.")
+
+
 def _check_config(cfg: dict, name: str) -> None:
     ptype = str(cfg.get("peft_type", "LORA")).upper().split(".")[-1]
     if ptype != "LORA":
         raise AdapterError(f"adapter {name!r}: peft_type {ptype!r} is not supported (only LORA)")
+    _check_field_types(cfg, name)
     if cfg.get("use_dora"):
         raise AdapterError(f"adapter {name!r}: DoRA (use_dora=True) is not supported by the multi-LoRA kernels")
     if str(cfg.get("bias", "none")) != "none" or cfg.get("lora_bias"):
@@ -133,8 +239,6 @@ def _check_config(cfg: dict, name: str) -> None:
     for opt in ("trainable_token_indices", "alora_invocation_tokens"):
         if cfg.get(opt):
             raise AdapterError(f"adapter {name!r}: {opt} is not supported")
-    if cfg.get("r") is not None and int(cfg["r"]) < 1:
-        raise AdapterError(f"adapter {name!r}: r must be >= 1, got {cfg['r']}")
 
 
 def _load_weights(path: str, name: str) -> dict[str, torch.Tensor]:
@@ -202,11 +306,12 @@ def load_peft_adapter(source, config=None, name: str | None = None) -> LoRAAdapt
 
     cfg = config_to_dict(config)
     _check_config(cfg, name)
-    r_default = int(cfg.get("r", 8))
-    alpha_default = float(cfg.get("lora_alpha", r_default))
+    # the values below were type-checked by _check_config; None means PEFT's default
+    r_default = _as_pos_int(cfg["r"]) if cfg.get("r") is not None else 8
+    alpha_default = _as_finite_real(cfg["lora_alpha"]) if cfg.get("lora_alpha") is not None else float(r_default)
     rank_pattern = dict(cfg.get("rank_pattern") or {})
     alpha_pattern = dict(cfg.get("alpha_pattern") or {})
-    use_rslora = bool(cfg.get("use_rslora", False))
+    use_rslora = bool(cfg.get("use_rslora") or False)
 
     pairs: dict[str, dict[str, torch.Tensor]] = {}
     for key, t in state.items():
@@ -243,11 +348,21 @@ def load_peft_adapter(source, config=None, name: str | None = None) -> LoRAAdapt
                 "expected (r, in_features) and (out_features, r)"
             )
         r = int(a.shape[0])
-        r_cfg = int(rank_pattern.get(_pattern_key(rank_pattern.keys(), mod), r_default))
+        rkey = _pattern_key(rank_pattern.keys(), mod)
+        r_cfg = _as_pos_int(rank_pattern[rkey]) if rkey in rank_pattern else r_default
         if r != r_cfg:
             raise AdapterError(f"adapter {name!r}: module {mod} has rank {r} but the config says r={r_cfg}")
-        alpha = float(alpha_pattern.get(_pattern_key(alpha_pattern.keys(), mod), alpha_default))
+        akey = _pattern_key(alpha_pattern.keys(), mod)
+        if akey in alpha_pattern:
+            alpha, alpha_fld = _as_finite_real(alpha_pattern[akey]), f"'alpha_pattern'[{akey!r}]"
+        else:
+            alpha, alpha_fld = alpha_default, "'lora_alpha'"
         scale = alpha / math.sqrt(r) if use_rslora else alpha / r
+        if not (math.isfinite(scale) and abs(scale) <= _F32_MAX):
+            raise AdapterError(
+                f"adapter {name!r}: config field {alpha_fld} = {alpha!r} gives module {mod} the scale "
+                f"{alpha!r}/{'sqrt(' + str(r) + ')' if use_rslora else r} = {scale!r}, not representable in float32"
+            )
         modules[mod] = LoRAModuleWeights(a=a.detach().cpu(), b=b.detach().cpu(), scale=scale)
     if not modules:
         raise AdapterError(f"adapter {name!r}: no LoRA weights found (matching its target_modules) in {src_desc}")

@@ -53,7 +53,7 @@ def _contenders():
         import copy
 
         from pllm_kernels.hf import patch_model
-        from pllm_kernels.hf.tiny import left_padded_batch, peft_reference, tiny_model
+        from pllm_kernels.testing import left_padded_batch, peft_reference, tiny_model
 
         base = tiny_model("llama", **BG.CPU_MODEL)
         specs = BG.adapter_specs(8)

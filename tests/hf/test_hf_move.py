@@ -14,10 +14,11 @@ pytest.importorskip("peft")
 
 from utils import assert_close  # noqa: E402
 
+from pllm_kernels.batch import ForwardContext, resolve_plan  # noqa: E402
 from pllm_kernels.hf import patch_model  # noqa: E402
-from pllm_kernels.hf.tiny import left_padded_batch, peft_reference, tiny_model  # noqa: E402
-from pllm_kernels.modules import LoRAContext, MultiLoRALinear  # noqa: E402
+from pllm_kernels.modules import MultiLoRALinear  # noqa: E402
 from pllm_kernels.store import AdapterStore, LoRAAdapter, LoRAModuleWeights, TargetSpec  # noqa: E402
+from pllm_kernels.testing import left_padded_batch, peft_reference, tiny_model  # noqa: E402
 
 # Scales (2, 1.5, 6/sqrt(4) = 3) exact in float32: slot_scales are float32 by the ops' spec, so float64 is checked
 # at its own tolerance only with such scales (PEFT multiplies by the Python float).
@@ -208,7 +209,7 @@ def _tiny_store_and_layer(dtype=torch.float32):
             for s in specs}
     store.add_adapter("ad", LoRAAdapter("ad", mods))
     store.add_user("alice", "ad")
-    ctx = LoRAContext(2)
+    ctx = ForwardContext(2)
     lin = nn.Linear(6, 8, dtype=dtype)
     layer = MultiLoRALinear(lin, store.buffers["o"], ctx, 6, 8, name="layers.0.o", on_apply=store.follow)
     return store, ctx, lin, layer, mods["o"]
@@ -238,16 +239,17 @@ def test_store_to_public_api():
     with pytest.raises(TypeError, match="floating dtype"):
         store.to(dtype=torch.int32)
     # routing built after a move is on the store's device
-    rows, weights, _ = store.resolve(["alice", None])
-    assert rows.device == store.device and weights.device == store.device
+    plan = resolve_plan(store, ["alice", None])
+    assert plan.lora_slots.device == store.device and plan.lora_weights.device == store.device
+    plan.release()
 
 
 @torch.no_grad()
 def test_layer_device_mismatch_error_names_x_and_devices():
     store, ctx, lin, layer, w = _tiny_store_and_layer()
     x = torch.randn(2, 3, 6)
-    rows, weights, active = store.resolve(["alice", None])
-    with ctx.using(rows, weights, active):
+    plan = resolve_plan(store, ["alice", None])
+    with ctx.request(plan):
         ctx.begin(2, 3)
         y = layer(x)
         ref = lin(x)

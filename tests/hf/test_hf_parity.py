@@ -13,7 +13,7 @@ pytest.importorskip("peft")
 from utils import assert_close  # noqa: E402
 
 from pllm_kernels.hf import patch_model  # noqa: E402
-from pllm_kernels.hf.tiny import ARCHS, left_padded_batch, peft_reference, tiny_model  # noqa: E402
+from pllm_kernels.testing import ARCHS, left_padded_batch, peft_reference, tiny_model  # noqa: E402
 
 LENGTHS = [5, 7, 3, 7, 6]  # left padded to 7
 USERS = ["u0", None, "u1", "u2", "u0"]
@@ -68,13 +68,13 @@ def _peft_names(users):
 
 
 @pytest.fixture(params=["gather", "runs"])
-def path(request, monkeypatch):
+def path(request, setup):
     """Both strategies of the op's torch backend: gathered per-token weights (batched matmuls) and per-(k, slot)
     runs of the sorted order."""
-    from pllm_kernels.ops import lora as ops_lora
-
-    monkeypatch.setattr(ops_lora, "_FORCE_STRATEGY", request.param)
-    return request.param
+    pm = setup[1]
+    pm.set_backend("torch", strategy=request.param)
+    yield request.param
+    pm.set_backend(None)
 
 
 @torch.no_grad()
@@ -83,7 +83,9 @@ def test_logits_match_peft_mixed_batch(setup, path):
     builds = pm.context.builds
     ours = pm(ids, attention_mask=mask, users=USERS).logits
     assert pm.context.builds == builds + 1, "the batch metadata must be built once per forward"
-    ref = peft_model(input_ids=ids, attention_mask=mask, adapter_names=_peft_names(USERS)).logits
+    # position ids as generate makes them (GPT-2's absolute positions need them with left padding; ours derives them)
+    pos = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 1)
+    ref = peft_model(input_ids=ids, attention_mask=mask, position_ids=pos, adapter_names=_peft_names(USERS)).logits
     base = pm(ids, attention_mask=mask).logits
     valid = mask.bool()
     # the adapters must matter, else the comparison proves nothing
@@ -166,12 +168,11 @@ def test_sampling_generate_is_per_row_and_seeded():
 
 @pytest.mark.interpreter
 @torch.no_grad()
-def test_triton_backend_parity_interpreter(monkeypatch):
+def test_triton_backend_parity_interpreter():
     """The Triton lora kernels (under TRITON_INTERPRET=1) inside a patched model agree with PEFT."""
-    monkeypatch.setenv("PLLM_BACKEND", "triton")
     base = tiny_model("llama", seed=3)
     peft_model, sds = peft_reference(base, adapter_specs("llama"), seed=7)
-    pm = patch_model(base, num_slots=4, max_rank=8)
+    pm = patch_model(base, num_slots=4, max_rank=8, backend="triton")
     try:
         for name, (sd, cfg) in sds.items():
             pm.register_user(name, sd, cfg)
@@ -220,6 +221,7 @@ def test_fused_projections_match_unfused_with_fewer_calls(monkeypatch):
     """q/k/v and gate/up adapters run as the slices of one lora_apply: same logits, 4 calls per Llama layer, and
     the shared deltas are released after the forward."""
     import pllm_kernels.modules.multi_lora as ml
+    from pllm_kernels.batch import ForwardContext
 
     specs = adapter_specs("llama")
     models = []
@@ -232,9 +234,17 @@ def test_fused_projections_match_unfused_with_fewer_calls(monkeypatch):
         models.append(pm)
     fused, plain = models
     assert len(fused.store.groups) == 2 * fused.model.config.num_hidden_layers and not plain.store.groups
-    calls = []
+    calls, left = [], []
     real = ml.lora_apply
     monkeypatch.setattr(ml, "lora_apply", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real_end = ForwardContext.end
+
+    def end(ctx):
+        b = ctx.batch
+        left.append(dict(b.scratch) if b is not None else {})
+        real_end(ctx)
+
+    monkeypatch.setattr(ForwardContext, "end", end)
     ids, mask = left_padded_batch(LENGTHS, fused.model.config.vocab_size, seed=11)
     out_fused = fused(ids, attention_mask=mask, users=USERS).logits
     n_fused = len(calls)
@@ -242,5 +252,4 @@ def test_fused_projections_match_unfused_with_fewer_calls(monkeypatch):
     n_layers = fused.model.config.num_hidden_layers
     assert n_fused == 4 * n_layers and len(calls) - n_fused == 7 * n_layers
     assert_close(out_fused, out_plain, torch.float32)
-    for name, (runtime, _, _) in ((n, m.lora_group) for n, m in fused.patched.items() if m.lora_group):
-        assert runtime._delta is None, f"{name}: shared deltas still held after the forward"
+    assert left and all(not sc for sc in left), f"shared deltas still held at the end of the forward: {left}"

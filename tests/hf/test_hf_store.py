@@ -16,9 +16,9 @@ from utils import assert_close  # noqa: E402
 
 from pllm_kernels.hf import AdapterError, PatchError, UnknownUserError, patch_model, unpatch_model  # noqa: E402
 from pllm_kernels.hf import targets as hf_targets  # noqa: E402
-from pllm_kernels.hf.tiny import left_padded_batch, peft_reference, tiny_model  # noqa: E402
 from pllm_kernels.modules import MultiLoRALinear  # noqa: E402
 from pllm_kernels.store import load_peft_adapter  # noqa: E402
+from pllm_kernels.testing import left_padded_batch, peft_reference, tiny_model  # noqa: E402
 
 SPECS = {
     "a0": dict(r=4, lora_alpha=8, target_modules="all-linear"),

@@ -16,8 +16,12 @@ pytestmark = pytest.mark.gpu
 
 
 @pytest.fixture(autouse=True)
-def triton_backend(monkeypatch):
-    monkeypatch.setenv("PLLM_BACKEND", os.environ.get("PLLM_TEST_BACKEND", "triton"))
+def triton_backend():
+    from pllm_kernels.ops._backend import set_default_backend
+
+    prev = set_default_backend(os.environ.get("PLLM_TEST_BACKEND", "triton"))
+    yield
+    set_default_backend(prev)
 
 
 def _ref(c):

@@ -67,13 +67,14 @@ def test_opcheck():
     m, (ts, tw, sp, ss, st, sl) = _op_args(c)
     v = torch.zeros(2, 12, 4)
     torch.library.opcheck(torch.ops.pllm.lora_shrink.default,
-                          (v, c.x, c.lora_a, c.slot_ranks, ts, sp, ss, st, sl, m.chunk))
+                          (v, c.x, c.lora_a, c.slot_ranks, ts, sp, ss, st, sl, m.chunk, "torch"))
     torch.library.opcheck(torch.ops.pllm.lora_expand.default,
                           (c.y.clone(), v.normal_(), c.lora_b, c.slot_ranks, c.slot_scales, ts, tw, sp, ss, st, sl,
-                           [4, 2], m.chunk))
-    torch.library.opcheck(torch.ops.pllm.lora_apply.default,
-                          (c.y.clone(), c.x, c.lora_a, c.lora_b, c.slot_ranks, c.slot_scales, ts, tw, sp, ss, st, sl,
-                           [4, 2], m.chunk))
+                           [4, 2], m.chunk, "torch"))
+    for strategy in ("gather", "runs"):
+        torch.library.opcheck(torch.ops.pllm.lora_apply.default,
+                              (c.y.clone(), c.x, c.lora_a, c.lora_b, c.slot_ranks, c.slot_scales, ts, tw, sp, ss, st,
+                               sl, [4, 2], m.chunk, "torch", strategy))
 
 
 def test_torch_compile_fullgraph():
@@ -159,16 +160,15 @@ def test_device_mismatch_names_argument(case):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("case", range(len(CASES)))
 def test_apply_triton_backend_through_op(case, dtype, monkeypatch):
-    """PLLM_BACKEND=triton routes the registered op to the Triton launchers (run under TRITON_INTERPRET=1)."""
+    """backend="triton" routes the registered op to the Triton launchers (run under TRITON_INTERPRET=1)."""
     from pllm_kernels.triton import lora as tl_lora
 
     calls = []
     real = tl_lora.lora_apply_triton
     monkeypatch.setattr(tl_lora, "lora_apply_triton", lambda *a, **k: calls.append(1) or real(*a, **k))
-    monkeypatch.setenv("PLLM_BACKEND", "triton")
     c = make_case(dtype=dtype, seed=20 + case, **CASES[case])
     y0, expected = c.y.clone(), ref_apply(c)
-    ops.lora_apply(c.y, c.x, c.lora_a, c.lora_b, c.slot_ranks, c.slot_scales, c.meta, c.slice_sizes)
+    ops.lora_apply(c.y, c.x, c.lora_a, c.lora_b, c.slot_ranks, c.slot_scales, c.meta, c.slice_sizes, backend="triton")
     assert calls, "the Triton launcher was not called"
     assert_close(c.y, expected, dtype, msg=f"case {case}")
     untouched = (c.token_slots < 0).all(dim=1)
@@ -177,12 +177,12 @@ def test_apply_triton_backend_through_op(case, dtype, monkeypatch):
 
 @pytest.mark.parametrize("strategy", ["gather", "runs"])
 @pytest.mark.parametrize("case", [1, 2, 4])
-def test_torch_apply_both_strategies(case, strategy, monkeypatch):
+def test_torch_apply_both_strategies(case, strategy):
     """The torch backend's per-run matmuls and its gathered-weights batched path agree with the reference."""
-    monkeypatch.setattr(ops, "_FORCE_STRATEGY", strategy)
     c = make_case(seed=30 + case, **CASES[case])
     expected = ref_apply(c)
-    ops.lora_apply(c.y, c.x, c.lora_a, c.lora_b, c.slot_ranks, c.slot_scales, c.meta, c.slice_sizes)
+    ops.lora_apply(c.y, c.x, c.lora_a, c.lora_b, c.slot_ranks, c.slot_scales, c.meta, c.slice_sizes, backend="torch",
+                   strategy=strategy)
     assert_close(c.y, expected, torch.float32)
 
 

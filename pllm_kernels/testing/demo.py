@@ -1,7 +1,7 @@
 """Demo: one patched model serves several users' LoRA adapters in one batch, checked against PEFT on the spot.
 
-    python -m pllm_kernels.hf.demo            # tiny random Llama, offline, < 1 minute on 2 CPU cores
-    python -m pllm_kernels.hf.demo --arch gpt2 --new-tokens 12
+    python -m pllm_kernels.testing.demo            # tiny random Llama, offline, < 1 minute on 2 CPU cores
+    python -m pllm_kernels.testing.demo --arch gpt2 --new-tokens 12
 
 Builds a tiny random model, creates random PEFT LoRA adapters for a few users (mixed ranks, rsLoRA, partial
 layers; one user mixes a shared adapter with a personal one), runs one left-padded mixed batch (with a row that
@@ -34,7 +34,7 @@ def main(argv=None) -> int:
 
     transformers.logging.set_verbosity_error()
     from pllm_kernels.hf import patch_model
-    from pllm_kernels.hf.tiny import left_padded_batch, peft_reference, tiny_model
+    from pllm_kernels.testing import left_padded_batch, peft_reference, tiny_model
 
     torch.manual_seed(args.seed)
     t0 = time.perf_counter()

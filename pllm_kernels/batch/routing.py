@@ -1,4 +1,4 @@
-"""``PersonalBatch``: the per-forward personalization metadata shared by every patched layer.
+"""LoRA routing metadata (:class:`LoRAMeta`) built from per-token or per-row slots.
 
 Built once per forward, on the tokens' device, with torch ops only and without a host synchronization
 (no ``.item()``, ``.tolist()``, ``torch.unique`` or data-dependent shapes), so it can run inside CUDA-graph
@@ -7,13 +7,11 @@ capture and write into preallocated buffers (:class:`LoRAMetaBuffers`).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import torch
 
 from pllm_kernels.ops.meta import LoRAMeta
 
-__all__ = ["LoRAMeta", "LoRAMetaBuffers", "PersonalBatch", "build_lora_meta", "choose_chunk", "tokens_from_rows"]
+__all__ = ["LoRAMeta", "LoRAMetaBuffers", "build_lora_meta", "choose_chunk", "tokens_from_rows"]
 
 
 def choose_chunk(num_pairs: int) -> int:
@@ -46,15 +44,23 @@ def build_lora_meta(
         chunk: rows per chunk (default :func:`choose_chunk`).
         out: preallocated metadata of identical shapes to write into (CUDA graphs); returned.
     """
-    if num_slots < 1:
-        raise ValueError(f"num_slots must be >= 1, got {num_slots}")
+    if isinstance(num_slots, bool) or not isinstance(num_slots, int) or num_slots < 1:
+        raise ValueError(f"num_slots must be an int >= 1, got {num_slots!r}")
+    if not isinstance(token_slots, torch.Tensor):
+        raise ValueError(f"token_slots must be a torch.Tensor, got {type(token_slots).__name__}")
+    if token_slots.dim() not in (1, 2):
+        raise ValueError(f"token_slots must have shape (T,) or (T, K), got {tuple(token_slots.shape)}")
     token_slots = _as_2d(token_slots)
     if token_slots.dtype not in (torch.int32, torch.int64, torch.int16, torch.int8, torch.uint8):
         raise ValueError(f"token_slots must be an integer tensor, got dtype {token_slots.dtype}")
     T, K = token_slots.shape
+    if K < 1:
+        raise ValueError(f"token_slots must have K >= 1 slot columns, got shape {tuple(token_slots.shape)}")
     device = token_slots.device
     if chunk is None:
         chunk = out.chunk if out is not None else choose_chunk(T * K)
+    if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
+        raise ValueError(f"chunk must be an int >= 1, got {chunk!r}")
     L = num_slots
     G = -(-T // chunk) + L
 
@@ -85,19 +91,24 @@ def build_lora_meta(
     if token_weights is None:
         weights = torch.ones(T, K, dtype=torch.float32, device=device)
     else:
+        if not isinstance(token_weights, torch.Tensor):
+            raise ValueError(f"token_weights must be a torch.Tensor, got {type(token_weights).__name__}")
         weights = _as_2d(token_weights)
         if weights.shape != (T, K):
             raise ValueError(f"token_weights must have shape {(T, K)} like token_slots, got {tuple(weights.shape)}")
-        weights = weights.to(device=device, dtype=torch.float32).contiguous()
+        # A copy, never the caller's tensor: editing it later must not change this routing.
+        weights = weights.to(device=device, dtype=torch.float32, copy=True).contiguous()
 
+    # Ids outside int32 are clamped (not wrapped) before the cast: 2**32 + 1 stays out of range (and is reported
+    # by the ops' validation) instead of becoming slot 1. Always a copy of the caller's tensor.
+    i32 = torch.iinfo(torch.int32)
     fresh = LoRAMeta(
-        token_slots=token_slots.to(torch.int32).contiguous(),
+        token_slots=slots.clamp(i32.min, i32.max).to(torch.int32).contiguous(),
         token_weights=weights,
         sorted_pairs=sorted_pairs.to(torch.int32),
         seg_slot=seg_slot.to(torch.int32),
         seg_start=seg_start.to(torch.int32),
         seg_len=seg_len.to(torch.int32),
-        slot_counts=counts.to(torch.int32),
         num_slots=L,
         chunk=chunk,
     )
@@ -105,7 +116,7 @@ def build_lora_meta(
         return fresh
     if out.num_slots != L or out.chunk != chunk:
         raise ValueError(f"out buffers were made for num_slots={out.num_slots}, chunk={out.chunk}")
-    for name in ("token_slots", "token_weights", "sorted_pairs", "seg_slot", "seg_start", "seg_len", "slot_counts"):
+    for name in ("token_slots", "token_weights", "sorted_pairs", "seg_slot", "seg_start", "seg_len"):
         dst, src = getattr(out, name), getattr(fresh, name)
         if dst.shape != src.shape:
             raise ValueError(f"out.{name} has shape {tuple(dst.shape)}, expected {tuple(src.shape)}")
@@ -133,7 +144,6 @@ class LoRAMetaBuffers:
             seg_slot=i32(k, G) - 1,
             seg_start=i32(k, G),
             seg_len=i32(k, G),
-            slot_counts=i32(k, num_slots),
             num_slots=num_slots,
             chunk=chunk,
         )
@@ -194,44 +204,3 @@ def tokens_from_rows(
     if row_weights is not None:
         weights = row_weights[:, None, :].expand(B, seq_len, K).reshape(B * seq_len, K)
     return slots.reshape(B * seq_len, K), weights
-
-
-@dataclass
-class PersonalBatch:
-    """Everything the patched layers need to personalize one forward, keyed by token.
-
-    ``lora`` routes tokens to adapter slots; later layers of the library add their own fields here
-    (steering slots and scales, per-row contrast / reward / sampling parameters).
-    """
-
-    lora: LoRAMeta | None = None
-    row_slots: torch.Tensor | None = None  # (B, K) per-row slots the token routing was derived from
-    extras: dict = field(default_factory=dict)
-
-    @classmethod
-    def from_rows(
-        cls,
-        row_slots: torch.Tensor,
-        num_slots: int,
-        row_weights: torch.Tensor | None = None,
-        *,
-        lengths: torch.Tensor | None = None,
-        num_tokens: int | None = None,
-        attention_mask: torch.Tensor | None = None,
-        seq_len: int | None = None,
-        chunk: int | None = None,
-        out: LoRAMeta | None = None,
-    ) -> PersonalBatch:
-        """Build the batch from per-row slots; see :func:`tokens_from_rows` for the layouts."""
-        slots, weights = tokens_from_rows(
-            row_slots, row_weights, lengths=lengths, num_tokens=num_tokens, attention_mask=attention_mask,
-            seq_len=seq_len,
-        )
-        meta = build_lora_meta(slots, num_slots, weights, chunk=chunk, out=out)
-        return cls(lora=meta, row_slots=_as_2d(row_slots))
-
-    @classmethod
-    def from_tokens(
-        cls, token_slots: torch.Tensor, num_slots: int, token_weights: torch.Tensor | None = None, **kw
-    ) -> PersonalBatch:
-        return cls(lora=build_lora_meta(token_slots, num_slots, token_weights, **kw))
