@@ -205,17 +205,17 @@ def _check_slot_values(meta: LoRAMeta, slot_ranks: torch.Tensor, max_rank: int, 
         return
     num_slots = slot_ranks.shape[0]
     ts = meta.token_slots
-    if ts.numel() and not memo(ts, ("slots_ok", num_slots), lambda: bool(((ts >= -1) & (ts < num_slots)).all())):
+    if ts.numel() and not memo(ts, ("slots_ok", num_slots), lambda t: bool(((t >= -1) & (t < num_slots)).all())):
         lo, hi = int(ts.min()), int(ts.max())
         _fail("token_slots", f"slot ids must be -1 or in [0, {num_slots}), got values in [{lo}, {hi}]")
     ranks = slot_ranks
-    ranks_ok = memo(ranks, ("ranks_ok", max_rank), lambda: bool(((ranks >= 0) & (ranks <= max_rank)).all()))
+    ranks_ok = memo(ranks, ("ranks_ok", max_rank), lambda r: bool(((r >= 0) & (r <= max_rank)).all()))
     if not ranks_ok:
         _fail("slot_ranks", f"ranks must be in [0, {max_rank}] (the buffer's rank), got {slot_ranks.tolist()}")
-    if slot_scales is not None and not memo(slot_scales, "finite", lambda: bool(torch.isfinite(slot_scales).all())):
+    if slot_scales is not None and not memo(slot_scales, "finite", lambda t: bool(torch.isfinite(t).all())):
         _fail("slot_scales", f"must be finite, got {slot_scales.tolist()}")
     tw = meta.token_weights
-    if not memo(tw, "finite", lambda: bool(torch.isfinite(tw).all())):
+    if not memo(tw, "finite", lambda t: bool(torch.isfinite(t).all())):
         _fail("token_weights", "must be finite")
 
 

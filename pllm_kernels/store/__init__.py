@@ -1,9 +1,12 @@
 """Adapter and user store: PEFT LoRA import (safetensors; ``.bin`` only with ``weights_only``), slot pools of
-stacked per-target buffers, and user profiles (K weighted adapters per user)."""
+stacked per-target buffers with leases for calls in flight, and user profiles (every asset of a user)."""
 
 from pllm_kernels.store.adapter_store import (
+    AdapterInUseError,
     AdapterStore,
     GroupBuffers,
+    SlotLease,
+    SlotsBusyError,
     TargetBuffers,
     TargetSpec,
     UnknownUserError,
@@ -13,10 +16,13 @@ from pllm_kernels.store.peft_import import AdapterError, LoRAAdapter, LoRAModule
 
 __all__ = [
     "AdapterError",
+    "AdapterInUseError",
     "AdapterStore",
     "GroupBuffers",
     "LoRAAdapter",
     "LoRAModuleWeights",
+    "SlotLease",
+    "SlotsBusyError",
     "TargetBuffers",
     "TargetSpec",
     "UnknownUserError",

@@ -45,8 +45,7 @@ def _acc(*dtypes: torch.dtype) -> torch.dtype:
 def _runs(token_slots: torch.Tensor, sorted_pairs: torch.Tensor, num_slots: int) -> list:
     """Runs of equal (k, slot) in sorted pair order, as ``[(k, slot, pair_rows, start)]`` (``pair_rows`` =
     ``sorted_pairs[start : start + len]``). Host-side (syncs on CUDA); memoized per routing."""
-    return memo(sorted_pairs, ("runs", num_slots), lambda: list(_compute_runs(token_slots, sorted_pairs, num_slots)),
-                token_slots)
+    return memo(sorted_pairs, ("runs", num_slots), lambda sp, ts: list(_compute_runs(ts, sp, num_slots)), token_slots)
 
 
 def _compute_runs(token_slots: torch.Tensor, sorted_pairs: torch.Tensor, num_slots: int):
@@ -65,7 +64,7 @@ def _compute_runs(token_slots: torch.Tensor, sorted_pairs: torch.Tensor, num_slo
 
 
 def _ranks(slot_ranks: torch.Tensor, max_rank: int) -> list[int]:
-    return memo(slot_ranks, ("ranks", max_rank), lambda: slot_ranks.clamp(0, max_rank).tolist())
+    return memo(slot_ranks, ("ranks", max_rank), lambda r: r.clamp(0, max_rank).tolist())
 
 
 def lora_shrink_torch(out, x, lora_a, slot_ranks, token_slots, sorted_pairs) -> None:
@@ -138,8 +137,7 @@ def lora_apply_torch(y, x, lora_a, lora_b, slot_ranks, slot_scales, token_slots,
         return
     # Per-run loop: the run plan (tokens per run, positions in sorted order) is memoized per forward; per call,
     # one vectorized product gives every pair's weight * scale, each run reads a view of it (no per-run indexing).
-    order, slot_sorted, plan = memo(sorted_pairs, ("apply_runs", L), lambda: _run_plan(runs, token_slots,
-                                                                                        sorted_pairs, L), token_slots)
+    order, slot_sorted, plan = memo(sorted_pairs, ("apply_runs", L), lambda sp, ts: _run_plan(ts, sp, L), token_slots)
     coef = (token_weights.t().reshape(-1).index_select(0, order).to(acc)
             * slot_scales.index_select(0, slot_sorted).to(acc))[:, None]
     ranks = _ranks(slot_ranks, R)
@@ -171,7 +169,7 @@ def _apply_gathered(y, x, lora_a, lora_b, slot_ranks, slot_scales, token_slots, 
     N = lora_b.shape[1]
     P = K * T
     # index_select, not advanced indexing: the latter is ~100x slower on multi-threaded CPU torch.
-    sc, tok, valid, idx = memo(token_slots, ("gather", L), lambda: _gather_plan(token_slots, L))
+    sc, tok, valid, idx = memo(token_slots, ("gather", L), lambda ts: _gather_plan(ts, L))
     keep = (torch.arange(R, device=x.device)[None, :] < slot_ranks.index_select(0, sc)[:, None]) & valid[:, None]
     coef = torch.where(valid, token_weights.t().reshape(-1).to(acc) * slot_scales.index_select(0, sc).to(acc), 0.0)
     a = lora_a.index_select(0, sc).to(acc)  # (P, S, R, H)
@@ -187,10 +185,11 @@ def _apply_gathered(y, x, lora_a, lora_b, slot_ranks, slot_scales, token_slots, 
     y.index_copy_(0, idx, (y.index_select(0, idx).to(acc) + delta.index_select(0, idx)).to(y.dtype))
 
 
-def _run_plan(runs, token_slots, sorted_pairs, num_slots):
+def _run_plan(token_slots, sorted_pairs, num_slots):
     """``(order, slot of each sorted pair (clamped), [(k, slot, tokens, start, n)])``: what the per-run loop of
     :func:`lora_apply_torch` derives from the routing alone (once per forward)."""
     T = token_slots.shape[0]
+    runs = _compute_runs(token_slots, sorted_pairs, num_slots)
     order = sorted_pairs.long()
     slot_sorted = token_slots.t().reshape(-1).index_select(0, order).long().clamp(0, num_slots - 1)
     return order, slot_sorted, [(k, slot, rows - k * T, start, int(rows.numel())) for k, slot, rows, start in runs]

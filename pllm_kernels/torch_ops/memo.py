@@ -29,8 +29,10 @@ def _same(snap: torch.Tensor, t: torch.Tensor) -> bool:
     return snap.shape == t.shape and snap.dtype == t.dtype and snap.device == t.device and torch.equal(snap, t)
 
 
-def memo(t: torch.Tensor, tag: Any, fn: Callable[[], Any], *deps: torch.Tensor) -> Any:
-    """``fn()`` cached on ``t`` (and the tensors ``deps`` it also reads) while their contents are unchanged."""
+def memo(t: torch.Tensor, tag: Any, fn: Callable[..., Any], *deps: torch.Tensor) -> Any:
+    """``fn(t, *deps)`` cached on ``t`` (and the tensors ``deps`` it also reads) while their contents are unchanged.
+
+    ``fn`` is called with snapshots (copies) of ``t`` and ``deps`` and must read nothing else that can change."""
     key = (id(t), tag)
     hit = _MEMO.get(key)
     if hit is not None:
@@ -38,9 +40,9 @@ def memo(t: torch.Tensor, tag: Any, fn: Callable[[], Any], *deps: torch.Tensor) 
         if ref() is t and len(dep_refs) == len(deps) and all(r() is d for r, d in zip(dep_refs, deps)) \
                 and all(_same(s, x) for s, x in zip(snaps, (t, *deps))):
             return value
-    value = fn()
     with torch.inference_mode(False), torch.no_grad():
         snaps = tuple(x.detach().clone() for x in (t, *deps))
+    value = fn(*snaps)
     entry = (weakref.ref(t), snaps, tuple(weakref.ref(d) for d in deps), value)
     with _LOCK:
         if len(_MEMO) > _MAX_ENTRIES:
