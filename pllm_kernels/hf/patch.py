@@ -119,7 +119,16 @@ class PersonalizedModel(nn.Module):
         """Register a user and their own PEFT adapter in one all-or-nothing step (see the store)."""
         return self.store.register_user(user_id, source, config, **kw)
 
+    def remove_user(self, user_id: str) -> None:
+        """Remove a user and the personal adapters no other user references (see :meth:`AdapterStore.remove_user`)."""
+        self.store.remove_user(user_id)
+
+    def remove_adapter(self, name: str) -> None:
+        """Remove an adapter no user references."""
+        self.store.remove_adapter(name)
+
     def profile(self, user_id: str) -> UserProfile:
+        """The user's profile (every asset); raises :class:`UnknownUserError` naming the user."""
         return self.store.profile(user_id)
 
     # ------------------------------------------------------------------------------------- routing
