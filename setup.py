@@ -37,7 +37,13 @@ from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
-VERSION = "0.1.0"
+def _version() -> str:
+    """The version from pllm_kernels/_version.py (its one place), without importing the package."""
+    with open(os.path.join(ROOT, "pllm_kernels", "_version.py")) as f:
+        return re.search(r'^__version__ = "([^"]+)"', f.read(), re.M).group(1)
+
+
+VERSION = _version()
 EXT_NAME = "pllm_kernels._C"
 
 

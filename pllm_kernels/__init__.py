@@ -6,9 +6,9 @@ first use so ``import pllm_kernels`` never imports transformers.
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
-
+from pllm_kernels._version import __version__
 from pllm_kernels.batch import LoRAMetaBuffers, PersonalBatch, build_lora_meta  # noqa: E402
+from pllm_kernels.ops._backend import backend_table, default_backend, set_default_backend  # noqa: E402
 from pllm_kernels.ops.lora import lora_apply, lora_expand, lora_shrink  # noqa: E402
 from pllm_kernels.ops.meta import LoRAMeta  # noqa: E402
 
@@ -16,11 +16,15 @@ __all__ = [
     "LoRAMeta",
     "LoRAMetaBuffers",
     "PersonalBatch",
+    "__version__",
+    "backend_table",
     "build_lora_meta",
+    "capabilities",
+    "default_backend",
     "lora_apply",
     "lora_expand",
     "lora_shrink",
-    "capabilities",
+    "set_default_backend",
 ]
 
 
@@ -29,11 +33,12 @@ def capabilities() -> dict:
     import torch
 
     from pllm_kernels import _ext
-    from pllm_kernels.ops._backend import requested_backend, triton_available
+    from pllm_kernels.ops._backend import triton_available
 
     return {
         "version": __version__,
-        "backend": requested_backend(),
+        "backend": default_backend(),
+        "ops": backend_table(),
         "triton": triton_available(),
         "torch": torch.__version__,
         "cuda_available": torch.cuda.is_available(),

@@ -6,7 +6,7 @@
 #include "pllm_launchers.h"
 
 #ifndef PLLM_VERSION_STR
-#define PLLM_VERSION_STR "0.1.0"
+#error "PLLM_VERSION_STR is defined by setup.py from pllm_kernels/_version.py"
 #endif
 
 namespace py = pybind11;

@@ -6,6 +6,7 @@ import os
 
 import pytest
 
+import pllm_kernels
 from pllm_kernels import _ext
 
 REQUIRE = os.environ.get("PLLM_REQUIRE_CUDA_EXT", "").strip().lower() not in ("", "0", "false", "no", "off")
@@ -51,7 +52,7 @@ def test_dtype_codes():
 @needs_ext
 def test_version_and_dtype_constants():
     C = _ext.ext()
-    assert C.__version__ == "0.1.0"
+    assert C.__version__ == pllm_kernels.__version__
     assert (C.DTYPE_FLOAT32, C.DTYPE_FLOAT16, C.DTYPE_BFLOAT16) == (0, 1, 2)
 
 
@@ -64,7 +65,7 @@ def test_compiled_archs():
         assert _ext.ext().ptx_arch() == 90
     caps = _ext.capabilities()
     assert caps["compiled_archs"] == archs
-    assert caps["version"] == "0.1.0"
+    assert caps["version"] == pllm_kernels.__version__
 
 
 @needs_ext
