@@ -34,6 +34,15 @@ from collections.abc import Sequence
 import torch
 
 
+def slice_offsets(slice_sizes: Sequence[int]) -> list[int]:
+    """``[0, n0, n0+n1, ..., sum]``: slice ``s`` owns output columns ``offsets[s] : offsets[s+1]`` (the one place
+    slice offsets are computed; every backend uses it)."""
+    offsets = [0]
+    for n in slice_sizes:
+        offsets.append(offsets[-1] + int(n))
+    return offsets
+
+
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
@@ -94,9 +103,7 @@ def lora_expand_ref(
     S = v.shape[0]
     if slice_sizes is None:
         slice_sizes = [lora_b.shape[1]]
-    offsets = [0]
-    for n in slice_sizes:
-        offsets.append(offsets[-1] + int(n))
+    offsets = slice_offsets(slice_sizes)
     acc = _acc_dtype(y.dtype) if v.dtype != torch.float64 else torch.float64
     delta = torch.zeros(T, y.shape[1], dtype=acc, device=y.device)
     touched = [False] * T

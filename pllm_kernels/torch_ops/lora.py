@@ -16,10 +16,9 @@ rank-0 slot are never read into a row's result, so NaN / inf there cannot reach 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import torch
 
+from pllm_kernels.reference.lora import slice_offsets
 from pllm_kernels.torch_ops.memo import memo
 
 __all__ = ["STRATEGIES", "lora_apply_torch", "lora_expand_torch", "lora_shrink_torch"]
@@ -28,14 +27,6 @@ STRATEGIES = ("auto", "gather", "runs")
 GATHER_MIN_RUNS = 2  # one (k, slot) run: its two matmuls beat gathering a weight copy per token
 GATHER_MAX_PAIRS_PER_RUN = 4  # long runs (prefill): one matmul pair per run reads each weight once
 GATHER_MAX_ELEMS = 1 << 22  # cap on the gathered weight elements (16 MiB in fp32); above it, loop over runs
-
-
-def slice_offsets(slice_sizes: Sequence[int]) -> list[int]:
-    """``[0, n0, n0+n1, ...]``: the first output column of each slice (and the total width last)."""
-    offsets = [0]
-    for n in slice_sizes:
-        offsets.append(offsets[-1] + int(n))
-    return offsets
 
 
 def _acc(*dtypes: torch.dtype) -> torch.dtype:
