@@ -2,5 +2,7 @@
 
 from pllm_kernels.ops.lora import lora_apply, lora_expand, lora_shrink, shrink_out_shape
 from pllm_kernels.ops.meta import LoRAMeta
+from pllm_kernels.ops.steer import MODES, steer_add, steer_rmsnorm
 
-__all__ = ["LoRAMeta", "lora_apply", "lora_expand", "lora_shrink", "shrink_out_shape"]
+__all__ = ["LoRAMeta", "MODES", "lora_apply", "lora_expand", "lora_shrink", "shrink_out_shape", "steer_add",
+           "steer_rmsnorm"]

@@ -1,8 +1,8 @@
-"""Compile every multi-LoRA Triton kernel variant ahead of time (no GPU) and print one JSON line per compile.
+"""Compile every Triton kernel variant of a family ahead of time (no GPU) and print one JSON line per compile.
 
-    python tests/triton/aot_compile.py [--archs 80,90] [--dtypes fp16,bf16]
+    python tests/triton/aot_compile.py [--family lora|steer] [--archs 80,90] [--dtypes fp16,bf16]
 
-Used by ``test_lora_aot.py`` (run without ``TRITON_INTERPRET``); also handy on its own to read registers,
+Used by ``test_lora_aot.py`` / ``test_steer_aot.py`` (run without ``TRITON_INTERPRET``); also handy on its own to read registers,
 spills (cuobjdump STACK/LOCAL bytes) and whether the matmul kernels use tensor cores.
 """
 
@@ -22,6 +22,9 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from pllm_kernels.triton import lora as tl_lora
+from pllm_kernels.triton import steer as tl_steer
+
+FAMILIES = {"lora": tl_lora, "steer": tl_steer}
 
 
 def _cuobjdump() -> str:
@@ -30,8 +33,8 @@ def _cuobjdump() -> str:
 
 
 def compile_one(job) -> dict:
-    arch, dtype, index = job
-    name, kernel, sig, cx, attrs, opts = list(tl_lora.aot_variants(dtype))[index]
+    family, arch, dtype, index = job
+    name, kernel, sig, cx, attrs, opts = list(FAMILIES[family].aot_variants(dtype))[index]
     compiled = triton.compile(ASTSource(kernel, sig, cx, attrs), target=GPUTarget("cuda", arch, 32), options=opts)
     ptx = compiled.asm["ptx"]
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
@@ -52,13 +55,14 @@ def compile_one(job) -> dict:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser()
+    ap.add_argument("--family", default="lora", choices=sorted(FAMILIES))
     ap.add_argument("--archs", default="80,90")
     ap.add_argument("--dtypes", default="fp16,bf16")
     args = ap.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         raise SystemExit("unset TRITON_INTERPRET: interpreted kernels cannot be compiled")
-    n = len(list(tl_lora.aot_variants("fp16")))
-    jobs = [(int(a), d, i) for a in args.archs.split(",") for d in args.dtypes.split(",") for i in range(n)]
+    n = len(list(FAMILIES[args.family].aot_variants("fp16")))
+    jobs = [(args.family, int(a), d, i) for a in args.archs.split(",") for d in args.dtypes.split(",") for i in range(n)]
     workers = max(1, min(4, os.cpu_count() or 1))
     try:
         with ProcessPoolExecutor(workers, mp_context=mp.get_context("fork")) as pool:
