@@ -9,7 +9,6 @@ layout), so steering a layer costs no extra pass over the activations. Vector lo
 
 from __future__ import annotations
 
-import torch
 import triton
 import triton.language as tl
 

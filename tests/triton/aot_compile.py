@@ -2,7 +2,7 @@
 
     python tests/triton/aot_compile.py [--family lora|steer] [--archs 80,90] [--dtypes fp16,bf16]
 
-Used by ``test_lora_aot.py`` / ``test_steer_aot.py`` (run without ``TRITON_INTERPRET``); also handy on its own to read registers,
+Used by ``test_lora_aot.py`` / ``test_steer_aot.py`` (without ``TRITON_INTERPRET``); also handy on its own to read registers,
 spills (cuobjdump STACK/LOCAL bytes) and whether the matmul kernels use tensor cores.
 """
 
@@ -62,7 +62,8 @@ def main(argv=None) -> int:
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         raise SystemExit("unset TRITON_INTERPRET: interpreted kernels cannot be compiled")
     n = len(list(FAMILIES[args.family].aot_variants("fp16")))
-    jobs = [(args.family, int(a), d, i) for a in args.archs.split(",") for d in args.dtypes.split(",") for i in range(n)]
+    jobs = [(args.family, int(a), d, i) for a in args.archs.split(",") for d in args.dtypes.split(",")
+            for i in range(n)]
     workers = max(1, min(4, os.cpu_count() or 1))
     try:
         with ProcessPoolExecutor(workers, mp_context=mp.get_context("fork")) as pool:
