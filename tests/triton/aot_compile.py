@@ -2,8 +2,8 @@
 
     python tests/triton/aot_compile.py [--family lora|steer] [--archs 80,90] [--dtypes fp16,bf16]
 
-Used by ``test_lora_aot.py`` / ``test_steer_aot.py`` (without ``TRITON_INTERPRET``); also handy on its own to read registers,
-spills (cuobjdump STACK/LOCAL bytes) and whether the matmul kernels use tensor cores.
+Used by ``test_lora_aot.py`` / ``test_steer_aot.py`` (without ``TRITON_INTERPRET``); also handy on its own to read
+registers, spills (cuobjdump STACK/LOCAL bytes) and whether the matmul kernels use tensor cores.
 """
 
 from __future__ import annotations
