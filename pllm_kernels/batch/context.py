@@ -17,8 +17,9 @@ from contextvars import ContextVar
 
 import torch
 
-from pllm_kernels.batch.personal import PersonalBatch
+from pllm_kernels.batch.personal import PersonalBatch, SteerBatch
 from pllm_kernels.batch.plan import BatchPlan
+from pllm_kernels.batch.routing import tokens_from_rows
 
 __all__ = ["ForwardContext"]
 
@@ -65,24 +66,42 @@ class ForwardContext:
         """
         plan = self._plan.get()
         batch = None
-        if plan is not None and plan.active_slots:
-            row_slots, row_weights = plan.lora_slots, plan.lora_weights
-            n = row_slots.shape[0]
+        if plan is not None and (plan.active_slots or plan.steering is not None):
+            n = plan.lora_slots.shape[0]
+            rep = 1
             if batch_size != n:
                 if n == 0 or batch_size % n:
                     raise ValueError(f"the forward has {batch_size} rows but {n} users were given")
                 rep = batch_size // n
-                row_slots = row_slots.repeat_interleave(rep, dim=0)
-                row_weights = row_weights.repeat_interleave(rep, dim=0)
             mask = None
             if attention_mask is not None and attention_mask.dim() == 2 and attention_mask.shape[0] == batch_size \
                     and attention_mask.shape[1] >= seq_len:
                 mask = attention_mask[:, attention_mask.shape[1] - seq_len:]
             layout = dict(attention_mask=mask) if mask is not None else dict(seq_len=seq_len)
-            batch = PersonalBatch.from_rows(row_slots, self.num_slots, row_weights, active_slots=plan.active_slots,
-                                            **layout)
+            batch = PersonalBatch()
+            if plan.active_slots:
+                row_slots, row_weights = plan.lora_slots, plan.lora_weights
+                if rep > 1:
+                    row_slots = row_slots.repeat_interleave(rep, dim=0)
+                    row_weights = row_weights.repeat_interleave(rep, dim=0)
+                batch = PersonalBatch.from_rows(row_slots, self.num_slots, row_weights,
+                                                active_slots=plan.active_slots, **layout)
+            if plan.steering is not None:
+                batch.steering = self._steering(plan, rep, layout)
             self.builds = next(self._builds)
         self._stack.set(self._stack.get() + (batch,))
+
+    @staticmethod
+    def _steering(plan: BatchPlan, rep: int, layout: dict) -> SteerBatch:
+        sp = plan.steering
+        B, nl, ks = sp.slots.shape
+        slots, scales = sp.slots.reshape(B, nl * ks), sp.scales.reshape(B, nl * ks)
+        if rep > 1:
+            slots, scales = slots.repeat_interleave(rep, dim=0), scales.repeat_interleave(rep, dim=0)
+        tok_slots, tok_scales = tokens_from_rows(slots, scales, **layout)
+        T = tok_slots.shape[0]
+        return SteerBatch(sp.layers, tok_slots.reshape(T, nl, ks), tok_scales.reshape(T, nl, ks), sp.tables,
+                          fused=not torch.is_grad_enabled())
 
     def end(self) -> None:
         """Drop the innermost forward's batch (after the forward, also when it raised)."""

@@ -14,7 +14,32 @@ import torch
 
 from pllm_kernels.batch.routing import LoRAMeta, _as_2d, build_lora_meta, tokens_from_rows
 
-__all__ = ["PersonalBatch"]
+__all__ = ["PersonalBatch", "SteerBatch"]
+
+
+@dataclass
+class SteerBatch:
+    """Per-token steering of one forward: ``token_slots`` / ``token_scales`` ``(T, len(layers), Ks)`` (``-1`` = none;
+    padding positions are ``-1``), the layers' tables (``layer -> (vectors, modes)``), and whether the fused
+    steer + next-RMSNorm path serves this forward (``fused``: no autograd, so the residual may be steered in
+    place)."""
+
+    layers: tuple[int, ...]
+    token_slots: torch.Tensor
+    token_scales: torch.Tensor
+    tables: dict
+    fused: bool = False
+
+    def __post_init__(self):
+        self.index = {layer: i for i, layer in enumerate(self.layers)}
+
+    def at(self, layer: int):
+        """``(token_slots (T, Ks), token_scales (T, Ks), vectors, modes)`` of ``layer``, or ``None``."""
+        i = self.index.get(layer)
+        if i is None:
+            return None
+        vectors, modes = self.tables[layer]
+        return self.token_slots[:, i], self.token_scales[:, i], vectors, modes
 
 
 @dataclass
@@ -24,15 +49,15 @@ class PersonalBatch:
     * ``lora``: token -> adapter slot(s) + weight routing (:class:`LoRAMeta`), or ``None`` (no adapters).
     * ``lora_slots``: the slots the batch uses (host ints; lets a layer skip itself without a sync), ``None`` =
       unknown (the layer runs).
-    * ``steering``, ``prompts``, ``decoding``: the input-layer and decoding parts (``None`` until those layers
-      are in use).
+    * ``steering``: per-token steering (:class:`SteerBatch`) or ``None``.
+    * ``prompts``, ``decoding``: the soft-prompt and decoding parts (``None`` when not in use).
     * ``scratch``: per-forward values shared between layers (e.g. a q/k/v group's deltas); never shared between
       concurrent forwards.
     """
 
     lora: LoRAMeta | None = None
     lora_slots: tuple[int, ...] | None = None
-    steering: Any = None
+    steering: SteerBatch | None = None
     prompts: Any = None
     decoding: Any = None
     scratch: dict = field(default_factory=dict, repr=False)

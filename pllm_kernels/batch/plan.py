@@ -16,7 +16,7 @@ import torch
 
 from pllm_kernels.store.adapter_store import AdapterStore, SlotLease, UnknownUserError, UserProfile
 
-__all__ = ["BatchPlan", "RowPlan", "resolve_plan"]
+__all__ = ["BatchPlan", "RowPlan", "SteerPlan", "resolve_plan"]
 
 
 @dataclass(frozen=True)
@@ -25,14 +25,30 @@ class RowPlan:
 
     * ``adapters``: ``((adapter name, weight), ...)``, the K weighted LoRA adapters of the row.
     * ``lora_slots``: the slot each adapter occupies for this request (pinned).
-    * ``profile``: the user's profile as resolved (steering, soft prompt, decoding parts are read from it by the
-      layers that use them).
+    * ``profile``: the user's profile as resolved (its steering entries, soft prompt and decoding settings).
     """
 
     user: str | None
     adapters: tuple[tuple[str, float], ...] = ()
     lora_slots: tuple[int, ...] = ()
     profile: UserProfile | None = None
+
+
+@dataclass
+class SteerPlan:
+    """Steering of one request: for each steered layer (``layers``, host ints), per row up to Ks entries.
+
+    * ``slots`` ``(B, len(layers), Ks)`` int32 slot in that layer's table (``-1`` = none); ``scales`` same shape.
+    * ``tables``: layer -> ``(vectors (steer_slots, hidden) float32, modes (steer_slots,) int32)`` on device.
+    """
+
+    layers: tuple[int, ...]
+    slots: torch.Tensor
+    scales: torch.Tensor
+    tables: dict
+
+    def to(self, device) -> SteerPlan:
+        return SteerPlan(self.layers, self.slots.to(device), self.scales.to(device), self.tables)
 
 
 @dataclass
@@ -49,6 +65,8 @@ class BatchPlan:
     lora_weights: torch.Tensor
     active_slots: tuple[int, ...] = ()
     lease: SlotLease | None = field(default=None, repr=False)
+    steering: SteerPlan | None = None
+    soft_prompts: tuple | None = None  # per row: (n, hidden) float32 host tensor or None; None = no row has one
 
     @property
     def batch_size(self) -> int:
@@ -64,7 +82,7 @@ class BatchPlan:
         if self.lora_slots.device == torch.device(device):
             return self
         return BatchPlan(self.rows, self.lora_slots.to(device), self.lora_weights.to(device), self.active_slots,
-                         self.lease)
+                         self.lease, None if self.steering is None else self.steering.to(device), self.soft_prompts)
 
 
 def resolve_plan(store: AdapterStore, users: Sequence[str | None], *, timeout: float | None = None) -> BatchPlan:
@@ -87,8 +105,12 @@ def resolve_plan(store: AdapterStore, users: Sequence[str | None], *, timeout: f
             )
         profiles = [None if u is None else store.users[u] for u in users]
         names = [a for p in profiles if p is not None for a, _ in p.adapters]
-        lease = store.lease(names, timeout=timeout) if names else None
-    slot_of = lease.slot_of if lease is not None else {}
+        steering: dict[int, list] = {}
+        for p in profiles:
+            for e in (p.steering if p is not None else ()):
+                steering.setdefault(e.layer, []).append(e.key)
+        lease = store.lease(names, timeout=timeout, steering=steering) if (names or steering) else None
+    slot_of = lease.slot_of["lora"] if lease is not None else {}
     K = max([p.k for p in profiles if p is not None] + [1])
     rows, slots, weights = [], [], []
     for u, p in zip(users, profiles):
@@ -98,10 +120,29 @@ def resolve_plan(store: AdapterStore, users: Sequence[str | None], *, timeout: f
         slots.append(list(row_slots) + [-1] * (K - len(ads)))
         weights.append([w for _, w in ads] + [0.0] * (K - len(ads)))
     B = len(rows)
+    steer = None
+    if steering:
+        layers = sorted(steering)
+        ks = max(sum(1 for e in p.steering if e.layer == lyr) for p in profiles if p is not None for lyr in layers)
+        s_slots = torch.full((B, len(layers), ks), -1, dtype=torch.int32)
+        s_scales = torch.zeros(B, len(layers), ks, dtype=torch.float32)
+        for b, p in enumerate(profiles):
+            for li, lyr in enumerate(layers):
+                entries = [e for e in (p.steering if p is not None else ()) if e.layer == lyr]
+                for k, e in enumerate(entries):
+                    s_slots[b, li, k] = lease.slot_of[f"steer{lyr}"][e.key]
+                    s_scales[b, li, k] = e.scale
+        tables = {lyr: store.inputs.tables[lyr] for lyr in layers}
+        steer = SteerPlan(tuple(layers), s_slots.to(store.device), s_scales.to(store.device), tables)
+    prompts = None
+    if any(p is not None and p.soft_prompt is not None for p in profiles):
+        prompts = tuple(None if p is None else p.soft_prompt for p in profiles)
     return BatchPlan(
         rows=tuple(rows),
         lora_slots=torch.tensor(slots, dtype=torch.int32).reshape(B, K).to(store.device),
         lora_weights=torch.tensor(weights, dtype=torch.float32).reshape(B, K).to(store.device),
-        active_slots=tuple(lease.slots) if lease is not None else (),
+        active_slots=tuple(sorted(set(slot_of.values()))),
         lease=lease,
+        steering=steer,
+        soft_prompts=prompts,
     )

@@ -34,8 +34,9 @@ import torch
 from torch import nn
 
 from pllm_kernels.batch import ForwardContext, resolve_plan
-from pllm_kernels.hf.targets import PatchError, find_targets
+from pllm_kernels.hf.targets import PatchError, find_decoder_layers, find_targets
 from pllm_kernels.modules.multi_lora import LoRAGroup, MultiLoRALinear
+from pllm_kernels.modules.steering import SteeringHook, SteerRMSNorm, norm_kind
 from pllm_kernels.ops._backend import BACKENDS
 from pllm_kernels.store.adapter_store import AdapterStore, TargetSpec, UserProfile
 
@@ -65,13 +66,14 @@ class PersonalizedModel(nn.Module):
     """
 
     def __init__(self, model: nn.Module, store: AdapterStore, context: ForwardContext,
-                 patched: dict[str, MultiLoRALinear], how: str):
+                 patched: dict[str, MultiLoRALinear], how: str, steering=None):
         super().__init__()
         self.model = model
         self.__dict__["store"] = store
         self.__dict__["context"] = context
         self.__dict__["patched"] = patched
         self.__dict__["how"] = how
+        self.__dict__["steering_points"] = steering or {"hooks": [], "norms": {}}
         self.__dict__["_hooks"] = [
             model.register_forward_pre_hook(self._pre_hook, with_kwargs=True),
             model.register_forward_hook(self._post_hook, always_call=True),
@@ -81,7 +83,7 @@ class PersonalizedModel(nn.Module):
     def _pre_hook(self, module, args, kwargs):
         ctx = self.context
         plan = ctx.plan
-        if plan is None or not plan.active_slots:
+        if plan is None or not (plan.active_slots or plan.steering is not None):
             ctx.begin(0, 0)  # pushes "no batch" for this forward
             return None
         found = _batch_input(args, kwargs)
@@ -118,6 +120,28 @@ class PersonalizedModel(nn.Module):
     def register_user(self, user_id: str, source=None, config=None, **kw) -> UserProfile:
         """Register a user and their own PEFT adapter in one all-or-nothing step (see the store)."""
         return self.store.register_user(user_id, source, config, **kw)
+
+    def add_steering(self, user_id: str, layer: int | None, vector, scale: float = 1.0, mode: str = "add"):
+        """Add a steering vector to a user (created if new): ``vector (hidden,)`` added as ``scale * vector`` to the
+        output of decoder block ``layer`` (0-based; ``hidden_states[layer + 1]``) at every position of the user's
+        rows, prompt and generated tokens alike. Repeatable (entries accumulate, applied in order). ``vector`` may
+        be a ``{layer: tensor}`` dict or a file (safetensors / ``.pt``, as saved from steering-vectors' or repeng's
+        vectors); ``layer=None`` then adds every layer in it. ``mode``: ``"add"``, ``"ablate"`` (project the
+        direction out; scale ignored), ``"ablate_add"``, ``"norm_preserve"``. See :meth:`AdapterStore.add_steering`.
+        """
+        return self.store.add_steering(user_id, layer, vector, scale, mode)
+
+    def remove_steering(self, user_id: str, layer: int | None = None) -> int:
+        """Remove a user's steering vectors (at ``layer``, or all); returns how many."""
+        return self.store.remove_steering(user_id, layer)
+
+    def add_soft_prompt(self, user_id: str, embeds) -> torch.Tensor:
+        """Give a user (created if new) a soft prompt: ``(n, hidden)`` virtual token embeddings placed right before
+        the row's first real token (prompt tuning / PPlug). A tensor, or a PEFT prompt-tuning adapter dir / file."""
+        return self.store.add_soft_prompt(user_id, embeds)
+
+    def remove_soft_prompt(self, user_id: str) -> None:
+        self.store.remove_soft_prompt(user_id)
 
     def remove_user(self, user_id: str) -> None:
         """Remove a user and the personal adapters no other user references (see :meth:`AdapterStore.remove_user`)."""
@@ -183,10 +207,7 @@ class PersonalizedModel(nn.Module):
         """Whether the model takes ``position_ids`` and has absolute position embeddings (no rotary config)."""
         takes = self.__dict__.get("_abs_pos")
         if takes is None:
-            try:
-                takes = "position_ids" in inspect.signature(self.model.forward).parameters
-            except (TypeError, ValueError):
-                takes = False
+            takes = self._takes("position_ids")
             cfg = getattr(self.model, "config", None)
             rotary = any(getattr(cfg, a, None) is not None for a in ("rope_theta", "rope_parameters", "rope_scaling"))
             takes = takes and not rotary
@@ -197,18 +218,87 @@ class PersonalizedModel(nn.Module):
         """The model's forward with per-row users (``None`` rows, or ``users=None``, run the base model).
 
         Without ``position_ids``, models with absolute position embeddings (GPT-2) get them from
-        ``attention_mask`` as ``generate`` makes them, so a left-padded row gets the positions it would have alone."""
+        ``attention_mask`` as ``generate`` makes them, so a left-padded row gets the positions it would have alone.
+        With soft prompts in the batch the returned logits are still aligned with ``input_ids`` (the virtual
+        positions are dropped)."""
         x = input_ids if input_ids is not None else kwargs.get("inputs_embeds")
         self._check_rows(users, x)
-        self._position_ids(x, attention_mask, kwargs)
         with self.users(users):
+            plan = self.context.plan
+            if plan is not None and plan.soft_prompts is not None:
+                return self._forward_prompted(plan, input_ids, attention_mask, kwargs)
+            self._position_ids(x, attention_mask, kwargs)
             return self.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
 
     def generate(self, input_ids=None, attention_mask=None, users: Sequence[str | None] | None = None, **kwargs):
-        """``model.generate`` with per-row users: left padding, KV cache, greedy or sampling."""
+        """``model.generate`` with per-row users: left padding, KV cache, greedy or sampling.
+
+        Returns prompt + new tokens, like ``model.generate(input_ids)``; with soft prompts in the batch, only the
+        new tokens (the model runs from ``inputs_embeds``, as HF's generate does)."""
         self._check_rows(users, input_ids if input_ids is not None else kwargs.get("inputs_embeds"))
         with self.users(users):
+            plan = self.context.plan
+            if plan is not None and plan.soft_prompts is not None:
+                embeds, mask, _, _ = self._splice(plan, input_ids, attention_mask, kwargs)
+                return self.model.generate(inputs_embeds=embeds, attention_mask=mask, **kwargs)
             return self.model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+
+    # ------------------------------------------------------------------------------------- soft prompts
+    def _splice(self, plan, input_ids, attention_mask, kwargs):
+        """``(inputs_embeds (B, S + n_max, H), mask, position_ids, index (B, S))``: each row's soft prompt placed
+        right before its first real token, rows aligned by extra left padding; ``index[b, j]`` is where column
+        ``j`` of the input went."""
+        if kwargs.get("past_key_values") is not None or kwargs.get("cache") is not None:
+            raise ValueError("soft prompts are spliced into the prompt: pass the whole prompt without a cache, or use "
+                             "generate for incremental decoding")
+        embeds = kwargs.pop("inputs_embeds", None)
+        if embeds is None:
+            if input_ids is None:
+                raise ValueError("input_ids or inputs_embeds is required")
+            embeds = self.model.get_input_embeddings()(input_ids)
+        B, S, H = embeds.shape
+        device = embeds.device
+        mask = torch.ones(B, S, dtype=torch.long, device=device) if attention_mask is None else attention_mask.long()
+        prompts = list(plan.soft_prompts)
+        if len(prompts) != B:  # rows repeated (num_return_sequences) are spliced after generate expands them
+            raise ValueError(f"users: got {len(prompts)} users for a batch of {B} rows")
+        ns = [0 if p is None else int(p.shape[0]) for p in prompts]
+        n_max = max(ns)
+        first = torch.where(mask.bool().any(1), mask.bool().float().argmax(1), torch.full((B,), S, device=device))
+        j = torch.arange(S, device=device)[None, :]
+        n_t = torch.tensor(ns, device=device)[:, None]
+        index = (n_max - n_t) + j + n_t * (j >= first[:, None])  # (B, S)
+        new = embeds.new_zeros(B, S + n_max, H)
+        new_mask = mask.new_zeros(B, S + n_max)
+        new.scatter_(1, index[:, :, None].expand(B, S, H), embeds)
+        new_mask.scatter_(1, index, mask)
+        for b, p in enumerate(prompts):
+            if p is None:
+                continue
+            start = n_max - ns[b] + int(first[b])
+            new[b, start:start + ns[b]] = p.to(device=device, dtype=embeds.dtype)
+            new_mask[b, start:start + ns[b]] = 1
+        pos = (new_mask.cumsum(-1) - 1).masked_fill(new_mask == 0, 1)
+        return new, new_mask, pos, index
+
+    def _forward_prompted(self, plan, input_ids, attention_mask, kwargs):
+        embeds, mask, pos, index = self._splice(plan, input_ids, attention_mask, kwargs)
+        if "position_ids" not in kwargs and self._takes("position_ids"):
+            kwargs["position_ids"] = pos
+        out = self.model(inputs_embeds=embeds, attention_mask=mask, **kwargs)
+        logits = getattr(out, "logits", None)
+        if isinstance(logits, torch.Tensor) and logits.dim() == 3 and logits.shape[1] == embeds.shape[1]:
+            out["logits"] = logits.gather(1, index[:, :, None].expand(-1, -1, logits.shape[-1]))
+        return out
+
+    def _takes(self, arg: str) -> bool:
+        cache = self.__dict__.setdefault("_takes_args", {})
+        if arg not in cache:
+            try:
+                cache[arg] = arg in inspect.signature(self.model.forward).parameters
+            except (TypeError, ValueError):
+                cache[arg] = False
+        return cache[arg]
 
     # ------------------------------------------------------------------------------------- unpatch
     def unpatch(self) -> nn.Module:
@@ -241,7 +331,7 @@ def _input_groups(found) -> list[list[str]]:
 
 def patch_model(model: nn.Module, *, num_slots: int = 8, max_rank: int = 16, target_modules=None,
                 dtype: torch.dtype | None = None, fuse_projections: bool = True, backend: str | None = None,
-                busy_timeout: float = 30.0) -> PersonalizedModel:
+                busy_timeout: float = 30.0, steer_slots: int = 64, fuse_steering: bool = True) -> PersonalizedModel:
     """Patch ``model`` (a loaded HF causal LM) in place: target layers become :class:`MultiLoRALinear`.
 
     Args:
@@ -255,6 +345,9 @@ def patch_model(model: nn.Module, *, num_slots: int = 8, max_rank: int = 16, tar
         backend: of the layers' ``lora_apply`` (``None`` = the process default; see
             :meth:`PersonalizedModel.set_backend`).
         busy_timeout: seconds a call waits for adapter slots held by calls in flight (see the concurrency contract).
+        steer_slots: rows of each layer's steering-vector table (distinct vectors one batch may use per layer).
+        fuse_steering: steer through the next RMSNorm (one fused pass) where the architecture allows (Llama,
+            Mistral, Qwen, Gemma, Phi-3 norms) in forwards without autograd; else a forward hook on the block.
     Returns:
         a :class:`PersonalizedModel`; ``.unpatch()`` (or :func:`unpatch_model`) reverts.
     """
@@ -287,9 +380,43 @@ def patch_model(model: nn.Module, *, num_slots: int = 8, max_rank: int = 16, tar
                                   on_apply=store.follow, backend=backend)
         setattr(parent, child, wrapped)
         patched[name] = wrapped
-    pm = PersonalizedModel(model, store, context, patched, how)
+    steering = _install_steering(model, store, context, steer_slots, fuse_steering, backend)
+    pm = PersonalizedModel(model, store, context, patched, how, steering)
     model.__dict__[_ATTR] = pm
     return pm
+
+
+def _hidden_size(model: nn.Module, layers) -> int:
+    cfg = getattr(model, "config", None)
+    for attr in ("hidden_size", "n_embd", "d_model"):
+        v = getattr(cfg, attr, None)
+        if isinstance(v, int):
+            return v
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    if emb is not None and hasattr(emb, "embedding_dim"):
+        return int(emb.embedding_dim)
+    raise PatchError(f"{type(model).__name__}: cannot tell the hidden size (no config.hidden_size)")
+
+
+def _install_steering(model, store, context, steer_slots, fuse, backend) -> dict:
+    """Steering points on every decoder block: a forward hook on the block, and (``fuse``) the RMSNorm that reads
+    its output next (the following block's ``input_layernorm``, or the final norm) wrapped to steer + normalise in
+    one pass."""
+    prefix, layers = find_decoder_layers(model)
+    store.configure_inputs(len(layers), _hidden_size(model, layers), steer_slots)
+    parent = model.get_submodule(prefix.rpartition(".")[0]) if "." in prefix else model
+    norms: dict[tuple[nn.Module, str], tuple[nn.Module, SteerRMSNorm]] = {}
+    hooks = []
+    for i, block in enumerate(layers):
+        host, attr = (layers[i + 1], "input_layernorm") if i + 1 < len(layers) else (parent, "norm")
+        base = getattr(host, attr, None)
+        fused = bool(fuse and isinstance(base, nn.Module) and norm_kind(base) is not None)
+        if fused:
+            wrapped = SteerRMSNorm(base, context, i, backend=backend)
+            setattr(host, attr, wrapped)
+            norms[(host, attr)] = (base, wrapped)
+        hooks.append(block.register_forward_hook(SteeringHook(context, i, fused, backend=backend)))
+    return {"hooks": hooks, "norms": norms}
 
 
 def _check_model_kind(model: nn.Module) -> None:
@@ -318,9 +445,13 @@ def unpatch_model(model_or_pm) -> nn.Module:
         parent = model.get_submodule(parent_name) if parent_name else model
         if getattr(parent, child) is wrapped:
             setattr(parent, child, wrapped.base_layer)
-    for h in pm._hooks:
+    for h in pm._hooks + pm.steering_points["hooks"]:
         h.remove()
     pm._hooks.clear()
+    for (host, attr), (base, wrapped) in pm.steering_points["norms"].items():
+        if getattr(host, attr) is wrapped:
+            setattr(host, attr, base)
+    pm.steering_points["norms"].clear()
     pm.patched.clear()
     model.__dict__.pop(_ATTR, None)
     return model

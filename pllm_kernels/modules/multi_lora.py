@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from pllm_kernels.batch import ForwardContext, PersonalBatch
+from pllm_kernels.modules._wrap import make_transparent
 from pllm_kernels.ops.lora import lora_apply
 
 __all__ = ["LoRAGroup", "MultiLoRALinear"]
@@ -33,25 +34,6 @@ def _check_device(where: str, x: torch.Tensor, lora_a: torch.Tensor) -> None:
             f"slot buffers follow it), or move the store with store.to({str(x.device)!r}); models split over "
             "several devices (device_map) are not supported yet"
         )
-
-
-def _unwrap_state_dict(module, state_dict, prefix, local_metadata) -> None:
-    """``state_dict`` post-hook: ``<prefix>base_layer.<key>`` -> ``<prefix><key>`` (the unpatched model's keys)."""
-    inner = prefix + "base_layer."
-    for k in [k for k in state_dict if k.startswith(inner)]:
-        state_dict[prefix + k[len(inner):]] = state_dict.pop(k)  # these keys are the latest: order is kept
-    meta = getattr(state_dict, "_metadata", None)
-    if meta is not None:
-        for k in [k for k in meta if k == inner[:-1] or k.startswith(inner)]:
-            meta[prefix[:-1] if k == inner[:-1] else prefix + k[len(inner):]] = meta.pop(k)
-
-
-def _wrap_state_dict(module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                     error_msgs) -> None:
-    """``load_state_dict`` pre-hook: the unpatched model's keys go to ``base_layer`` (``base_layer.`` keys too)."""
-    inner = prefix + "base_layer."
-    for k in [k for k in state_dict if k.startswith(prefix) and not k.startswith(inner)]:
-        state_dict[inner + k[len(prefix):]] = state_dict.pop(k)
 
 
 class LoRAGroup:
@@ -127,12 +109,7 @@ class MultiLoRALinear(nn.Module):
         self.__dict__["lora_on_apply"] = on_apply
         self.__dict__["lora_backend"] = backend
         self.__dict__["lora_strategy"] = strategy
-        if hasattr(self, "register_state_dict_post_hook"):  # public since torch 2.5; the private forms before
-            self.register_state_dict_post_hook(_unwrap_state_dict)
-            self.register_load_state_dict_pre_hook(_wrap_state_dict)
-        else:
-            self._register_state_dict_hook(_unwrap_state_dict)
-            self._register_load_state_dict_pre_hook(_wrap_state_dict, with_module=True)
+        make_transparent(self, "base_layer")
 
     def _apply(self, fn, recurse=True):
         out = super()._apply(fn, recurse)

@@ -82,7 +82,7 @@ def _(out, h, weight, eps, vectors, token_slots, token_scales, slot_modes, weigh
     return None
 
 
-def _validate(h, vectors, token_slots, token_scales, slot_modes):
+def _validate(h, vectors, token_slots, token_scales, slot_modes, values=True):
     _check_tensor("h", h, dim=2, dtypes=FLOATS)
     T, H = h.shape
     _check_tensor("vectors", vectors, dim=2, dtypes=FLOATS, device=h.device)
@@ -114,7 +114,7 @@ def _validate(h, vectors, token_slots, token_scales, slot_modes):
     token_slots = token_slots.clamp(i32.min, i32.max).to(torch.int32, copy=True).contiguous()
     token_scales = token_scales.to(torch.float32, copy=True).contiguous()
     slot_modes = slot_modes.to(torch.int32).contiguous()
-    if _check_values_enabled():
+    if values and _check_values_enabled():
         if token_slots.numel() and not memo(token_slots, ("steer_slots", L),
                                             lambda t: bool(((t >= -1) & (t < L)).all())):
             _fail("token_slots", f"slot ids must be -1 or in [0, {L}), got values in "
@@ -128,7 +128,7 @@ def _validate(h, vectors, token_slots, token_scales, slot_modes):
 
 def steer_add(h: torch.Tensor, vectors: torch.Tensor, token_slots: torch.Tensor,
               token_scales: torch.Tensor | None = None, slot_modes: torch.Tensor | None = None, *,
-              backend: str | None = None) -> torch.Tensor:
+              backend: str | None = None, validate: bool = True) -> torch.Tensor:
     """Steer ``h (T, H)`` in place: for each token, its K vector slots applied in order (reference: ActAdd / CAA /
     StyleVector addition, ``steering-vectors``' ablation operators, repeng's norm-preserving addition).
 
@@ -140,12 +140,14 @@ def steer_add(h: torch.Tensor, vectors: torch.Tensor, token_slots: torch.Tensor,
         slot_modes: ``(L,)`` int mode of each slot (``MODES``: add 0, ablate 1, ablate_add 2, norm_preserve 3;
             default all add).
         backend: ``"auto"``, ``"triton"``, ``"torch"``, ``"cuda"`` or ``None`` (the process default).
+        validate: ``False`` skips the value checks (slot range, finite scales, modes: host syncs) for callers that
+            built the routing themselves (the patched model's steering points after their first call).
     Returns ``h``.
     """
     backend = _backend_arg(backend)
     if slot_modes is None and isinstance(vectors, torch.Tensor):
         slot_modes = torch.zeros(vectors.shape[0], dtype=torch.int32, device=vectors.device)
-    ts, sc, md = _validate(h, vectors, token_slots, token_scales, slot_modes)
+    ts, sc, md = _validate(h, vectors, token_slots, token_scales, slot_modes, values=validate)
     _dispatch(_steer_add_op, _steer_add_impl, h, vectors, ts, sc, md, backend)
     return h
 
@@ -153,17 +155,17 @@ def steer_add(h: torch.Tensor, vectors: torch.Tensor, token_slots: torch.Tensor,
 def steer_rmsnorm(h: torch.Tensor, weight: torch.Tensor, eps: float, vectors: torch.Tensor, token_slots: torch.Tensor,
                   token_scales: torch.Tensor | None = None, slot_modes: torch.Tensor | None = None, *,
                   weight_offset: float = 0.0, out: torch.Tensor | None = None,
-                  backend: str | None = None) -> torch.Tensor:
+                  backend: str | None = None, validate: bool = True) -> torch.Tensor:
     """Fused steering + RMSNorm in one pass: steer ``h`` in place (as :func:`steer_add`) and return
     ``RMSNorm(h_steered)`` ``(T, H)`` in ``h``'s dtype.
 
     ``weight (H,)`` and ``eps`` of the norm; ``weight_offset`` 0 for the Llama / Mistral / Qwen / Phi-3 norm
     (``weight * normed.to(dtype)``), 1 for Gemma's (``normed * (1 + weight)`` in float32). ``out``: optional
-    preallocated ``(T, H)`` output."""
+    preallocated ``(T, H)`` output; ``validate`` as in :func:`steer_add`."""
     backend = _backend_arg(backend)
     if slot_modes is None and isinstance(vectors, torch.Tensor):
         slot_modes = torch.zeros(vectors.shape[0], dtype=torch.int32, device=vectors.device)
-    ts, sc, md = _validate(h, vectors, token_slots, token_scales, slot_modes)
+    ts, sc, md = _validate(h, vectors, token_slots, token_scales, slot_modes, values=validate)
     _check_tensor("weight", weight, dim=1, dtypes=FLOATS, device=h.device)
     if weight.shape[0] != h.shape[1]:
         _fail("weight", f"has {weight.shape[0]} entries but h has hidden size {h.shape[1]}")

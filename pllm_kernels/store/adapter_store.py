@@ -31,14 +31,15 @@ from __future__ import annotations
 import itertools
 import math
 import threading
-import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
+from pllm_kernels.store.inputs import InputAssets, SteeringEntry, load_soft_prompt, load_vectors
 from pllm_kernels.store.peft_import import AdapterError, LoRAAdapter, LoRAModuleWeights, load_peft_adapter
+from pllm_kernels.store.slots import SlotLease, SlotPool, SlotsBusyError, lease_pools
 
 __all__ = [
     "AdapterInUseError",
@@ -66,10 +67,6 @@ class UnknownUserError(KeyError):
 
     def __str__(self) -> str:  # KeyError quotes its argument; keep the message readable
         return str(self.args[0]) if self.args else "unknown user"
-
-
-class SlotsBusyError(RuntimeError):
-    """A request needs more free adapter slots than requests in flight leave (after waiting ``busy_timeout``)."""
 
 
 class AdapterInUseError(AdapterError):
@@ -172,28 +169,6 @@ class UserProfile:
         return len(self.adapters)
 
 
-class SlotLease:
-    """Slots pinned for one request (see :meth:`AdapterStore.lease`): ``slot_of`` maps adapter name -> slot.
-    ``release()`` unpins them (idempotent); also a context manager."""
-
-    def __init__(self, store: AdapterStore, slot_of: dict[str, int]):
-        self._store = store
-        self.slot_of = slot_of
-        self.slots = sorted(set(slot_of.values()))
-        self._released = False
-
-    def release(self) -> None:
-        if not self._released:
-            self._released = True
-            self._store._unpin(self.slots)
-
-    def __enter__(self) -> SlotLease:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.release()
-
-
 class AdapterStore:
     """Adapters (by name), users (by id) and the slot pool they are served from.
 
@@ -243,10 +218,9 @@ class AdapterStore:
             self.buffers[t.name] = TargetBuffers(t, self.num_slots, self.max_rank, dtype, self.device, views)
         self.adapters: dict[str, LoRAAdapter] = {}
         self.users: dict[str, UserProfile] = {}
-        self._slot_of: dict[str, int] = {}
-        self._owner: list[str | None] = [None] * self.num_slots
-        self._last_used = [0] * self.num_slots
-        self._pins = [0] * self.num_slots  # requests in flight using each slot
+        self._pool = SlotPool(self.num_slots, "lora")
+        self.inputs: InputAssets | None = None  # steering tables + soft prompts (configure_inputs)
+        self._serial = itertools.count()
         self._clock = itertools.count(1)
         self._lock = threading.RLock()
         self._unpinned = threading.Condition(self._lock)
@@ -333,7 +307,7 @@ class AdapterStore:
         return adapter
 
     def _check_not_in_flight(self, names, what: str) -> None:
-        busy = [n for n in names if n in self._slot_of and self._pins[self._slot_of[n]] > 0]
+        busy = [n for n in names if self._pool.pinned(n)]
         if busy:
             raise AdapterInUseError(f"cannot {what} adapter(s) {busy}: a forward / generate in flight uses them; "
                                     "retry when it has finished")
@@ -376,12 +350,14 @@ class AdapterStore:
                 raise AdapterError(f"adapters: each entry is a name or a (name, weight) pair, got {e!r}") from None
         return out
 
-    def add_user(self, user_id: str, adapters, *, replace: bool = False) -> UserProfile:
-        """Register a user with K weighted adapters: ``"name"``, ``[("shared", 0.5), ("mine", 1.0)]``."""
-        return self.register_user(user_id, adapters=adapters, replace=replace)
+    def add_user(self, user_id: str, adapters=(), *, replace: bool = False) -> UserProfile:
+        """Register a user with K weighted adapters: ``"name"``, ``[("shared", 0.5), ("mine", 1.0)]``, or none
+        (a user served by steering / a soft prompt only)."""
+        return self.register_user(user_id, adapters=adapters, replace=replace, _allow_empty=True)
 
     def register_user(self, user_id: str, source=None, config=None, *, weight: float = 1.0, adapters=(),
-                      adapter_name: str | None = None, replace: bool = False) -> UserProfile:
+                      adapter_name: str | None = None, replace: bool = False, _allow_empty: bool = False
+                      ) -> UserProfile:
         """Register a user, optionally importing their personal adapter in the same all-or-nothing step.
 
         Args:
@@ -405,7 +381,7 @@ class AdapterStore:
             self._check_register(user_id, aname, replace)
             parsed = self._parse(aname, source, config)  # parsing (file I/O) outside the lock
             entries = [(aname, float(weight))] + entries
-        if not entries:
+        if not entries and not _allow_empty:
             raise AdapterError(f"user {user_id!r}: give an adapter source or adapters=[...]")
         with self._lock:
             if aname is not None:
@@ -461,9 +437,88 @@ class AdapterStore:
             p = self.users[user_id]
             drop = [a for a in p.owned if self._users_of(a) == [user_id]]
             self._check_not_in_flight(drop, "remove")
+            keys = [e.key for e in p.steering]
+            if self.inputs is not None and self.inputs.pinned(keys):
+                raise AdapterInUseError(f"cannot remove user {user_id!r}: a request in flight uses its steering")
             del self.users[user_id]
             for a in drop:
                 self._drop_adapter(a)
+            if self.inputs is not None:
+                self.inputs.drop(keys)
+
+    # ------------------------------------------------------------------------------------- input layer
+    def configure_inputs(self, num_layers: int, hidden: int, steer_slots: int) -> InputAssets:
+        """Enable steering tables / soft prompts for a model of ``num_layers`` decoder layers of width ``hidden``."""
+        with self._lock:
+            self.inputs = InputAssets(num_layers, hidden, steer_slots, self.device)
+            return self.inputs
+
+    def _inputs(self) -> InputAssets:
+        if self.inputs is None:
+            raise RuntimeError("this store has no input layer (patch the model with patch_model to steer it)")
+        return self.inputs
+
+    def _profile_or_new(self, user_id: str) -> UserProfile:
+        if not isinstance(user_id, str) or not user_id:
+            raise TypeError(f"user ids are non-empty strings, got {user_id!r}")
+        if user_id not in self.users:
+            self.users[user_id] = UserProfile(user_id)
+        return self.users[user_id]
+
+    def add_steering(self, user_id: str, layer: int | None, vector, scale: float = 1.0, mode="add"
+                     ) -> list[SteeringEntry]:
+        """Add steering vector(s) to a user (created if new); repeatable, entries accumulate in order.
+
+        ``vector``: a ``(hidden,)`` tensor, a ``{layer: tensor}`` dict, or a file (safetensors / ``.pt``) holding
+        either; with ``layer=None`` every layer of a dict / file is added. ``mode``: ``"add"``, ``"ablate"``,
+        ``"ablate_add"`` or ``"norm_preserve"`` (:mod:`pllm_kernels.reference.steer`). All-or-nothing: a bad vector
+        leaves the profile unchanged."""
+        inputs = self._inputs()
+        found = load_vectors(vector, what=f"user {user_id!r}: steering vector")
+        if layer is not None:
+            if None in found:
+                found = {layer: found[None]}
+            elif layer in found:
+                found = {layer: found[layer]}
+            else:
+                raise ValueError(f"user {user_id!r}: the vectors given are for layers {sorted(found)}, not {layer}")
+        elif None in found:
+            raise ValueError(f"user {user_id!r}: layer is required for a single vector")
+        checked = [inputs.check_vector(user_id, lyr, v, scale, mode) for lyr, v in sorted(found.items())]
+        with self._lock:
+            p = self._profile_or_new(user_id)
+            new = []
+            for lyr, v, sc, md in checked:
+                e = SteeringEntry((user_id, next(self._serial)), lyr, v, sc, md)
+                inputs.entries[e.key] = e
+                new.append(e)
+            p.steering = p.steering + new
+            return new
+
+    def remove_steering(self, user_id: str, layer: int | None = None) -> int:
+        """Remove the user's steering entries (at ``layer``, or all); returns how many were removed."""
+        with self._lock:
+            p = self.profile(user_id)
+            gone = [e for e in p.steering if layer is None or e.layer == layer]
+            keys = [e.key for e in gone]
+            if self.inputs is not None and self.inputs.pinned(keys):
+                raise AdapterInUseError(f"user {user_id!r}: a request in flight uses these steering vectors")
+            p.steering = [e for e in p.steering if e not in gone]
+            if self.inputs is not None:
+                self.inputs.drop(keys)
+            return len(gone)
+
+    def add_soft_prompt(self, user_id: str, embeds) -> torch.Tensor:
+        """Give a user (created if new) a soft prompt: ``(n, hidden)`` virtual token embeddings (a tensor, or a PEFT
+        prompt-tuning adapter / file); replaces the previous one."""
+        e = self._inputs().check_prompt(user_id, load_soft_prompt(embeds, what=f"user {user_id!r}: soft prompt"))
+        with self._lock:
+            self._profile_or_new(user_id).soft_prompt = e
+        return e
+
+    def remove_soft_prompt(self, user_id: str) -> None:
+        with self._lock:
+            self.profile(user_id).soft_prompt = None
 
     def profile(self, user_id: str) -> UserProfile:
         with self._lock:
@@ -477,11 +532,13 @@ class AdapterStore:
         return ", ".join(map(repr, names[:8])) + (f", ... ({len(names)} users)" if len(names) > 8 else "") or "none"
 
     # --------------------------------------------------------------------------------------------- slots
+    @property
+    def _slot_of(self) -> dict[str, int]:
+        """Resident adapters: name -> slot."""
+        return self._pool.slot_of
+
     def _free_slot(self, slot: int) -> None:
-        name = self._owner[slot]
-        if name is not None:
-            del self._slot_of[name]
-        self._owner[slot] = None
+        self._pool.free(slot)
         for buf in [*self.buffers.values(), *self.groups.values()]:
             buf.ranks_host[slot] = 0
             buf.slot_ranks[slot] = 0
@@ -515,8 +572,7 @@ class AdapterStore:
             r = max(self.buffers[m].ranks_host[slot] for m in g.members)
             g.slot_ranks[slot] = r
             g.ranks_host[slot] = r
-        self._owner[slot] = name
-        self._slot_of[name] = slot
+        self._pool.take(name, slot)
         self.loads += 1
 
     # ----------------------------------------------------------------------------------------- placement
@@ -563,10 +619,12 @@ class AdapterStore:
                 g, i = self.group_of[n]
                 ab = g.member_views(i)
             buf.lora_a, buf.lora_b = ab
+        if self.inputs is not None:
+            self.inputs.to(device)
         self.device, self.dtype = device, dtype
         if fresh:  # the new buffers are zero: put the resident adapters back (not counted as cache misses)
             loads = self.loads
-            for slot, name in enumerate(list(self._owner)):
+            for slot, name in enumerate(list(self._pool.owner)):
                 if name is not None:
                     try:
                         self._load(name, slot)
@@ -587,82 +645,59 @@ class AdapterStore:
         if isinstance(probe, torch.Tensor):
             self.to(probe.device, probe.dtype if probe.is_floating_point() else None)
 
-    def lease(self, names: Sequence[str], timeout: float | None = None) -> SlotLease:
-        """Make every adapter in ``names`` resident and pin their slots until the lease is released.
+    def lease(self, names: Sequence[str], timeout: float | None = None, steering=None) -> SlotLease:
+        """Make every adapter in ``names`` (and every steering entry of ``steering``: layer -> entry keys)
+        resident and pin their slots until the lease is released; ``lease.slot_of["lora"][name]`` is an adapter's
+        slot, ``lease.slot_of[f"steer{layer}"][key]`` a vector's.
 
         Evicts least-recently-used unpinned slots. When the free and unpinned slots are too few because other
         requests hold them, waits up to ``timeout`` seconds (default ``busy_timeout``) for releases, then raises
-        :class:`SlotsBusyError`. More distinct adapters than slots raises at once."""
-        need = list(dict.fromkeys(names))
-        if len(need) > self.num_slots:
-            raise RuntimeError(
-                f"this batch uses {len(need)} distinct adapters but the store has {self.num_slots} slots; "
-                "patch with a larger num_slots (max_users) or split the batch"
-            )
+        :class:`SlotsBusyError`. More distinct assets than slots raises at once. All or nothing across tables."""
         timeout = self.busy_timeout if timeout is None else float(timeout)
-        deadline = time.monotonic() + timeout
         with self._lock:
-            while True:
-                for n in need:
-                    if n not in self.adapters:
-                        raise AdapterError(f"unknown adapter {n!r}")
-                missing = [n for n in need if n not in self._slot_of]
-                needed = set(need)
-                evictable = [s for s in range(self.num_slots)
-                             if self._pins[s] == 0 and self._owner[s] not in needed]
-                if len(missing) <= len(evictable):
-                    break
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    raise SlotsBusyError(
-                        f"this batch needs {len(missing)} more adapter slot(s) but only {len(evictable)} of "
-                        f"{self.num_slots} are free: the others are pinned by requests in flight (waited "
-                        f"{timeout:g} s); raise num_slots or busy_timeout, or send fewer distinct users at once"
-                    )
-                self._unpinned.wait(left)
-            now = next(self._clock)
-            for n in need:
-                if n in self._slot_of:
-                    self._last_used[self._slot_of[n]] = now
-            for n in missing:
-                free = [s for s in evictable if self._owner[s] is None]
-                slot = free[0] if free else min(evictable, key=lambda s: self._last_used[s])
-                evictable.remove(slot)
-                try:
-                    self._load(n, slot)
-                except Exception:
-                    self._last_used[slot] = 0
-                    raise
-                self._last_used[slot] = now
-            slot_of = {n: self._slot_of[n] for n in need}
-            for s in set(slot_of.values()):
-                self._pins[s] += 1
-            return SlotLease(self, slot_of)
+            for n in dict.fromkeys(names):
+                if n not in self.adapters:
+                    raise AdapterError(f"unknown adapter {n!r}")
+            requests = [(self._pool, list(names), self._load_checked)]
+            if steering:
+                requests += self.inputs.steer_requests(steering)
+            return lease_pools(self._unpinned, requests, timeout, self._clock, self._busy_message)
 
-    def _unpin(self, slots) -> None:
-        with self._lock:
-            for s in slots:
-                self._pins[s] -= 1
-            self._unpinned.notify_all()
+    def _load_checked(self, name: str, slot: int) -> None:
+        try:
+            self._load(name, slot)
+        except Exception:
+            self._pool.last_used[slot] = 0
+            raise
+
+    def _busy_message(self, pool: SlotPool, missing: int, available: int) -> str:
+        what = "adapters" if pool is self._pool else f"steering vectors at layer {pool.name[5:]}"
+        if available < 0:
+            return (f"this batch uses {missing} distinct {what} but the store has {pool.num_slots} slots for them; "
+                    "patch with a larger num_slots / steer_slots or split the batch")
+        return (f"this batch needs {missing} more slot(s) for {what} but only {available} of {pool.num_slots} are "
+                f"free: the others are pinned by requests in flight (waited {self.busy_timeout:g} s); raise the "
+                "slot count or busy_timeout, or send fewer distinct users at once")
 
     def acquire(self, names: Sequence[str]) -> dict[str, int]:
         """Make every adapter in ``names`` resident without pinning; returns name -> slot (single-threaded use)."""
         with self.lease(names, timeout=0) as lease:
-            return dict(lease.slot_of)
+            return dict(lease.slot_of["lora"])
 
     @property
     def in_flight(self) -> int:
         """Pins held by requests in flight (0 when idle)."""
-        return sum(self._pins)
+        return sum(self._pool.pins) + (self.inputs.in_flight() if self.inputs is not None else 0)
 
     def check_consistent(self) -> None:
         """Assert the slot bookkeeping is consistent (tests, debugging): owners, ranks and pins agree."""
         with self._lock:
-            assert all(p >= 0 for p in self._pins), self._pins
-            for name, slot in self._slot_of.items():
-                assert self._owner[slot] == name, (name, slot, self._owner[slot])
+            pool = self._pool
+            assert all(p >= 0 for p in pool.pins), pool.pins
+            for name, slot in pool.slot_of.items():
+                assert pool.owner[slot] == name, (name, slot, pool.owner[slot])
                 assert name in self.adapters, name
-            for slot, name in enumerate(self._owner):
+            for slot, name in enumerate(pool.owner):
                 if name is None:
                     assert all(b.ranks_host[slot] == 0 for b in self.buffers.values()), slot
                     continue
@@ -672,3 +707,5 @@ class AdapterStore:
                     w = ad.modules.get(tname)
                     r = 0 if w is None else w.rank
                     assert buf.ranks_host[slot] == r == int(buf.slot_ranks[slot]), (slot, name, tname)
+            if self.inputs is not None:
+                self.inputs.check_consistent()

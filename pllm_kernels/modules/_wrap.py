@@ -1,0 +1,35 @@
+"""State-dict transparency for wrapper modules: a wrapper keeping the original module as ``<inner>`` saves and loads
+the unwrapped model's keys (``q_proj.weight``, not ``q_proj.base_layer.weight``)."""
+
+from __future__ import annotations
+
+from torch import nn
+
+__all__ = ["make_transparent"]
+
+
+def make_transparent(module: nn.Module, inner: str) -> None:
+    """Register the hooks on ``module`` (a wrapper whose original is the submodule ``inner``)."""
+
+    def unwrap(mod, state_dict, prefix, local_metadata) -> None:
+        """``<prefix><inner>.<key>`` -> ``<prefix><key>``, metadata included (the unwrapped model's keys)."""
+        pre = prefix + inner + "."
+        for k in [k for k in state_dict if k.startswith(pre)]:
+            state_dict[prefix + k[len(pre):]] = state_dict.pop(k)  # these keys are the latest: order is kept
+        meta = getattr(state_dict, "_metadata", None)
+        if meta is not None:
+            for k in [k for k in meta if k == pre[:-1] or k.startswith(pre)]:
+                meta[prefix[:-1] if k == pre[:-1] else prefix + k[len(pre):]] = meta.pop(k)
+
+    def wrap(mod, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs) -> None:
+        """The unwrapped model's keys go to ``<inner>`` (keys that already name it load as they are)."""
+        pre = prefix + inner + "."
+        for k in [k for k in state_dict if k.startswith(prefix) and not k.startswith(pre)]:
+            state_dict[pre + k[len(prefix):]] = state_dict.pop(k)
+
+    if hasattr(module, "register_state_dict_post_hook"):  # public since torch 2.5; the private forms before
+        module.register_state_dict_post_hook(unwrap)
+        module.register_load_state_dict_pre_hook(wrap)
+    else:  # pragma: no cover - old torch
+        module._register_state_dict_hook(unwrap)
+        module._register_load_state_dict_pre_hook(wrap, with_module=True)
