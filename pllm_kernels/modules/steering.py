@@ -28,7 +28,7 @@ __all__ = ["SteerRMSNorm", "SteeringHook", "norm_kind"]
 _NORMS = {
     "LlamaRMSNorm": (0.0, "variance_epsilon"), "MistralRMSNorm": (0.0, "variance_epsilon"),
     "Qwen2RMSNorm": (0.0, "variance_epsilon"), "Qwen3RMSNorm": (0.0, "variance_epsilon"),
-    "Phi3RMSNorm": (0.0, "variance_epsilon"), "OlmoRMSNorm": (0.0, "variance_epsilon"),
+    "Phi3RMSNorm": (0.0, "variance_epsilon"), "MixtralRMSNorm": (0.0, "variance_epsilon"),
     "GraniteRMSNorm": (0.0, "variance_epsilon"),
     "GemmaRMSNorm": (1.0, "eps"), "Gemma2RMSNorm": (1.0, "eps"), "Gemma3RMSNorm": (1.0, "eps"),
 }

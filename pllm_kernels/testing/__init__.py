@@ -5,6 +5,14 @@ PEFT LoRA adapters (random non-zero B) over a copy of it and returns each adapte
 ``left_padded_batch(lengths, vocab)`` makes a left-padded batch of random prompts.
 """
 
-from pllm_kernels.testing.tiny import ARCHS, left_padded_batch, llama_1b_config, peft_reference, tiny_config, tiny_model
+from pllm_kernels.testing.tiny import (
+    ARCHS,
+    MORE_ARCHS,
+    left_padded_batch,
+    llama_1b_config,
+    peft_reference,
+    tiny_config,
+    tiny_model,
+)
 
-__all__ = ["ARCHS", "left_padded_batch", "llama_1b_config", "peft_reference", "tiny_config", "tiny_model"]
+__all__ = ["ARCHS", "MORE_ARCHS", "left_padded_batch", "llama_1b_config", "peft_reference", "tiny_config", "tiny_model"]

@@ -11,16 +11,20 @@ import copy
 
 import torch
 
-__all__ = ["ARCHS", "tiny_config", "tiny_model", "peft_reference", "llama_1b_config", "left_padded_batch"]
+__all__ = ["ARCHS", "MORE_ARCHS", "tiny_config", "tiny_model", "peft_reference", "llama_1b_config",
+           "left_padded_batch"]
 
 ARCHS = ("llama", "mistral", "qwen2", "gemma2", "gemma3", "phi3", "gpt2")
+#: The other architectures with a target map (pllm_kernels.hf.targets.ARCH_TARGETS): Qwen3, Mixtral (MoE; attention
+#: targets), Gemma 1, OLMo, OLMo-2 (post-norm), Granite.
+MORE_ARCHS = ("qwen3", "mixtral", "gemma", "olmo", "olmo2", "granite")
 
 _COMMON = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                num_key_value_heads=2, vocab_size=128, max_position_embeddings=256)
 
 
 def tiny_config(arch: str, **overrides):
-    """A small config of ``arch`` (one of :data:`ARCHS`) with ``overrides`` applied."""
+    """A small config of ``arch`` (one of :data:`ARCHS` or :data:`MORE_ARCHS`) with ``overrides`` applied."""
     import transformers as tf
 
     if arch == "gpt2":
@@ -31,11 +35,16 @@ def tiny_config(arch: str, **overrides):
     kw = dict(_COMMON)
     if arch in ("gemma2", "gemma3"):
         kw.update(head_dim=16, sliding_window=8)
+    if arch == "gemma":
+        kw.update(head_dim=16)
+    if arch == "mixtral":
+        kw.update(num_local_experts=2, num_experts_per_tok=1)
     kw.update(bos_token_id=1, eos_token_id=2, pad_token_id=0)
     kw.update(overrides)
     cls = {
         "llama": tf.LlamaConfig, "mistral": tf.MistralConfig, "qwen2": tf.Qwen2Config, "gemma2": tf.Gemma2Config,
-        "gemma3": tf.Gemma3TextConfig, "phi3": tf.Phi3Config,
+        "gemma3": tf.Gemma3TextConfig, "phi3": tf.Phi3Config, "qwen3": tf.Qwen3Config, "mixtral": tf.MixtralConfig,
+        "gemma": tf.GemmaConfig, "olmo": tf.OlmoConfig, "olmo2": tf.Olmo2Config, "granite": tf.GraniteConfig,
     }[arch]
     return cls(**kw)
 

@@ -16,7 +16,7 @@ from utils import assert_bitwise_equal, assert_close  # noqa: E402
 
 from pllm_kernels.hf import patch_model  # noqa: E402
 from pllm_kernels.hf.targets import find_decoder_layers  # noqa: E402
-from pllm_kernels.testing import ARCHS, peft_reference, tiny_model  # noqa: E402
+from pllm_kernels.testing import ARCHS, MORE_ARCHS, peft_reference, tiny_model  # noqa: E402
 
 LENGTHS = [6, 4, 6, 3, 5]
 USERS = ["s_add", None, "s_multi", "s_lora", "s_same_layer"]
@@ -83,7 +83,7 @@ class _Hooks:
             h.remove()
 
 
-@pytest.fixture(scope="module", params=ARCHS)
+@pytest.fixture(scope="module", params=ARCHS + MORE_ARCHS)
 def setup(request):
     arch = request.param
     base = tiny_model(arch, seed=5)
@@ -179,7 +179,7 @@ def test_fused_path_is_taken_where_the_norm_allows(setup, monkeypatch):
     ids, mask, _ = _batch(LENGTHS, base.config.vocab_size, "left")
     pm(ids, attention_mask=mask, users=USERS)
     steered_layers = 2  # layers 0 and 1 carry vectors
-    if arch == "gpt2":
+    if arch in ("gpt2", "olmo", "olmo2"):  # LayerNorm / post-norm blocks: no pre-norm reads the block output
         assert calls == {"steer_add": steered_layers, "steer_rmsnorm": 0}
     else:
         assert calls == {"steer_add": 0, "steer_rmsnorm": steered_layers}
