@@ -9,15 +9,16 @@ each logged to ``OUT/logs/<step>.log``:
 1. build     ``PLLM_REQUIRE_CUDA_EXT=1 python setup.py build_ext --inplace``
 2. gpu_tests ``pytest -m gpu -q`` (junit xml ``OUT/junit_gpu.xml``)
 3. sanitizer ``compute-sanitizer --tool memcheck`` over ``pytest -m gpu tests/cuda``
-4. bench_*   every benchmark of ``_harness.BENCHES`` (missing scripts: "not yet implemented"), sharing what is left
-             of the budget; CSVs and ``bench_<op>_summary.md`` land in OUT (``PLLM_BENCH_OUT``)
+4. bench_*   ``python -m pllm_kernels.bench <op> --out OUT`` for every benchmark registered in
+             ``pllm_kernels.bench.harness.BENCHES`` (registered but not written: "not yet implemented"), sharing
+             what is left of the budget; CSVs and ``bench_<op>_summary.md`` land in OUT
 5. plots     ``python -m benchmarks.plot OUT``
 6. summary   ``OUT/summary.md``: step table, env, every bench summary (with the target checks)
 
 ``--dry-run``, or no CUDA device: steps 1-3 are skipped (and the summary says so) and the benchmarks run at
 smoke size on CPU. OUT defaults to ``benchmarks/results/<date>-<device>`` (GPU) or
-``benchmarks/results/tmp-dryrun-<date>`` (dry run; git-ignored). Installs nothing; needs PYTHONPATH=. (the .sh
-wrapper sets it).
+``benchmarks/results/tmp-dryrun-<date>`` (dry run; git-ignored). Installs nothing; tests and benchmarks the
+package of this checkout (PYTHONPATH=<repo>, set here and by the .sh wrapper).
 
 Packing (the lent device machine returns at most 8 files from ``$OUT``, two folders deep): ``--pack DIR`` writes
 the whole result folder as ``DIR/gpu_suite.tar.gz`` (one top folder ``<date>-<device>/``) plus ``DIR/summary.md``.
@@ -42,9 +43,10 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+if str(ROOT) not in sys.path:  # `python benchmarks/gpu_suite.py`: test and benchmark this checkout's package
+    sys.path.insert(0, str(ROOT))
 
-from benchmarks import _harness as H  # noqa: E402
+from pllm_kernels.bench import harness as H  # noqa: E402
 
 RESERVE_S = 25  # kept back for plots + summary
 
@@ -291,16 +293,17 @@ def main(argv=None) -> int:
     # 4. benchmarks: share what is left of the budget
     names = list(H.BENCHES) if args.benches == "all" else (
         [] if args.benches == "none" else [b.strip() for b in args.benches.split(",") if b.strip()])
-    present = [n for n in names if H.bench_path(n).exists()]
+    present = [n for n in names if H.implemented(n)]
     for n in names:
         if n not in present:
-            s.record(f"bench_{n}", "N/A", 0.0, f"not yet implemented (no benchmarks/bench_{n}.py)")
+            why = "not yet implemented" if n in H.BENCHES else f"not a registered benchmark ({', '.join(H.BENCHES)})"
+            s.record(f"bench_{n}", "N/A", 0.0, why)
     for i, n in enumerate(present):
         share = (s.left() - RESERVE_S) / (len(present) - i)
         if share < 15:
             s.skip(f"bench_{n}", f"no time left in the {args.budget_s:.0f}s budget")
             continue
-        cmd = [sys.executable, "-m", f"benchmarks.bench_{n}", "--out", str(out)]
+        cmd = [sys.executable, "-m", "pllm_kernels.bench", n, "--out", str(out)]
         cmd += ["--smoke"] if dry else ["--budget-s", f"{max(10.0, share - 30):.0f}"]
         s.run(f"bench_{n}", cmd, timeout=share)
 

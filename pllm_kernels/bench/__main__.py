@@ -1,5 +1,3 @@
-import sys
-
 from pllm_kernels.bench import main
 
-sys.exit(main())
+raise SystemExit(main())

@@ -1,11 +1,15 @@
-"""Shared benchmark harness for every ``benchmarks/bench_<op>.py`` (stable, small API).
+"""Shared benchmark harness of every ``pllm_kernels.bench.<op>`` module (stable, small API).
+
+Ships with the package: ``python -m pllm_kernels.bench <op>`` runs from any install. Nothing here reads or
+imports the source tree; results go to ``--out DIR`` / ``$PLLM_BENCH_OUT``, else under the current directory.
 
 Public API (keep it stable: other benches and the GPU suite use it)
 -------------------------------------------------------------------
 ``BENCHES``
-    The one list of benchmark names. ``bench_<name>.py`` in this folder implements ``main(argv) -> int``;
-    the GPU suite and ``python -m pllm_kernels.bench`` iterate over this list and report a missing script as
-    "not yet implemented" (:func:`load_bench` returns None), never as an error.
+    The one registry of op-family benchmarks: name -> module (``pllm_kernels.bench.<name>``, which implements
+    ``main(argv) -> int``), or None for a registered benchmark not written yet. The GPU suite and
+    ``python -m pllm_kernels.bench`` iterate over it and report a None entry as "not yet implemented"
+    (:func:`load_bench` returns None), never as a crash.
 ``env_info() -> dict``
     device (name), device_kind (cuda/cpu), torch, triton, transformers, peft, cuda (runtime), git_sha, host,
     cuda_ext (one-line summary of :func:`pllm_kernels._ext.capabilities`). Cached. Every CSV row starts with it.
@@ -26,7 +30,8 @@ Public API (keep it stable: other benches and the GPU suite use it)
     Append dict rows to ``<results_dir()>/<csv_name>``; the header is the union of the columns (an existing
     file is rewritten when new columns appear). Every row gets env_info() and a timestamp first.
 ``results_dir() -> Path``
-    ``$PLLM_BENCH_OUT`` when set (the GPU suite sets it to its output folder), else ``benchmarks/results/``.
+    ``$PLLM_BENCH_OUT`` when set (``--out`` sets it; so does the GPU suite), else ``./pllm_bench_results/``
+    under the current working directory (:func:`default_out`); never a folder inside the package.
 ``base_parser(description) -> argparse.ArgumentParser``
     The common flags: ``--smoke --backend --shape --budget-s --out --csv --dry-run``.
 ``Budget(seconds)``
@@ -61,13 +66,15 @@ import torch
 
 __all__ = [
     "BENCHES",
-    "BENCH_DIR",
+    "DEFAULT_OUT",
     "Budget",
     "append_rows",
     "base_parser",
+    "default_out",
     "env_info",
     "fmt_ms",
     "gbps",
+    "implemented",
     "load_bench",
     "measure_roofline",
     "results_dir",
@@ -76,11 +83,19 @@ __all__ = [
     "time_fn",
 ]
 
-BENCH_DIR = Path(__file__).resolve().parent
-REPO_ROOT = BENCH_DIR.parent
+PACKAGE_DIR = Path(__file__).resolve().parent.parent  # the pllm_kernels package folder (for the git sha only)
+DEFAULT_OUT = "pllm_bench_results"  # default results folder, relative to the current working directory
 
-# The one list of op-family benchmarks (bench_<name>.py). Add a name here when its script lands.
-BENCHES: tuple[str, ...] = ("lora", "steering", "contrast", "sampling", "reward", "generate")
+# The one registry of op-family benchmarks, in the order the GPU suite runs them: name -> module, None = not written
+# yet. Point a name at its module when it lands (and add new names here).
+BENCHES: dict[str, str | None] = {
+    "lora": "pllm_kernels.bench.lora",
+    "steering": None,
+    "contrast": None,
+    "sampling": None,
+    "reward": None,
+    "generate": "pllm_kernels.bench.generate",
+}
 
 BASE_COLUMNS = (
     "device", "device_kind", "torch", "triton", "transformers", "peft", "git_sha", "timestamp", "run_id",
@@ -89,15 +104,18 @@ BASE_COLUMNS = (
 
 
 # --------------------------------------------------------------------------------------------- registry
-def bench_path(name: str) -> Path:
-    return BENCH_DIR / f"bench_{name}.py"
+def implemented(name: str) -> bool:
+    """Whether ``name`` is registered and has a module."""
+    return BENCHES.get(name) is not None
 
 
 def load_bench(name: str):
-    """Import ``benchmarks.bench_<name>`` or return None when the script does not exist yet."""
-    if not bench_path(name).exists():
-        return None
-    return importlib.import_module(f"benchmarks.bench_{name}")
+    """Import the module of benchmark ``name``; None when it is registered but not written yet.
+    Raises KeyError for a name that is not registered."""
+    if name not in BENCHES:
+        raise KeyError(f"unknown benchmark {name!r}; registered: {', '.join(BENCHES)}")
+    module = BENCHES[name]
+    return None if module is None else importlib.import_module(module)
 
 
 # --------------------------------------------------------------------------------------------- environment
@@ -116,19 +134,23 @@ def _version(mod: str) -> str:
             return "unknown"
 
 
+def _git(*args: str) -> str:
+    return subprocess.run(["git", *args], cwd=PACKAGE_DIR, capture_output=True, text=True, timeout=10).stdout.strip()
+
+
 def _git_sha() -> str:
+    """``$PLLM_GIT_SHA``, else the commit of the checkout this package runs from (a source tree or an editable
+    install), else "unknown" (an installed copy: its folder is not the package folder of a git work tree)."""
     if os.environ.get("PLLM_GIT_SHA"):
         return os.environ["PLLM_GIT_SHA"]
     try:
-        sha = subprocess.run(
-            ["git", "rev-parse", "--short=12", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10
-        ).stdout.strip()
+        top = _git("rev-parse", "--show-toplevel")
+        if not top or (Path(top) / PACKAGE_DIR.name).resolve() != PACKAGE_DIR:
+            return "unknown"  # e.g. site-packages of a venv that happens to lie inside some repository
+        sha = _git("rev-parse", "--short=12", "HEAD")
         if not sha:
             return "unknown"
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO_ROOT, capture_output=True, text=True,
-            timeout=10,
-        ).stdout.strip()
+        dirty = _git("status", "--porcelain", "--untracked-files=no")
         return sha + ("-dirty" if dirty else "")
     except Exception:
         return "unknown"
@@ -414,9 +436,15 @@ def measure_roofline(device=None) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------------------------- results
+def default_out(*sub: str) -> Path:
+    """``<cwd>/pllm_bench_results[/sub...]``: where results go without ``--out`` / ``$PLLM_BENCH_OUT``."""
+    return Path.cwd().joinpath(DEFAULT_OUT, *sub)
+
+
 def results_dir() -> Path:
+    """``$PLLM_BENCH_OUT`` when set, else :func:`default_out`; created on first use."""
     out = os.environ.get("PLLM_BENCH_OUT")
-    path = Path(out) if out else BENCH_DIR / "results"
+    path = Path(out) if out else default_out()
     path.mkdir(parents=True, exist_ok=True)
     return path
 
@@ -475,7 +503,7 @@ def base_parser(description: str) -> argparse.ArgumentParser:
     p.add_argument("--backend", default="all", help="comma list of backends/baselines to run, or 'all'")
     p.add_argument("--shape", default="all", help="comma list of shape names, or 'all'")
     p.add_argument("--budget-s", type=float, default=None, help="stop starting new cases after this many seconds")
-    p.add_argument("--out", default=None, help="results folder (default $PLLM_BENCH_OUT or benchmarks/results)")
+    p.add_argument("--out", default=None, help=f"results folder (default $PLLM_BENCH_OUT, else ./{DEFAULT_OUT})")
     p.add_argument("--csv", default=None, help="CSV file name inside the results folder")
     p.add_argument("--no-csv", action="store_true", help="print only, write no CSV")
     p.add_argument("--dry-run", action="store_true", help="list the cases and exit")

@@ -1,18 +1,19 @@
 """Batched multi-LoRA benchmark: ``lora_apply`` (shrink + expand into y) on Llama-3-8B module shapes.
 
-    python -m benchmarks.bench_lora                 # GPU: the suite profile (~4 min); CPU: the smoke profile
-    python -m benchmarks.bench_lora --smoke         # tiny shapes, seconds (what CI runs)
-    python -m benchmarks.bench_lora --profile full  # every shape x rank x T x distribution (long)
-    python -m benchmarks.bench_lora --backend triton,peft_mixed --shape q,gate_up --budget-s 120
+    python -m pllm_kernels.bench lora                 # GPU: the suite profile (~4 min); CPU: the smoke profile
+    python -m pllm_kernels.bench lora --smoke         # tiny shapes, seconds (what CI runs)
+    python -m pllm_kernels.bench lora --profile full  # every shape x rank x T x distribution (long)
+    python -m pllm_kernels.bench lora --backend triton,peft_mixed --shape q,gate_up --budget-s 120 --out DIR
 
 Cases: Llama-3-8B modules (q 4096->4096, kv 4096->[1024,1024], o 4096->4096, gate_up 4096->[14336,14336],
 down 14336->4096), ranks 8-64 and a mixed-rank set {8,16,64} (max rank 64), decode T 1-512 (one token per
 sequence) and prefill T 2048-8192 (sequences of 512 tokens), adapters per sequence drawn identical (1 adapter),
 distinct (one per sequence), uniform (~sqrt(#seq) equal groups) or zipf(1.5); sequences are not sorted by adapter.
 
-Backends (``--backend``): ours: ``triton`` (the op, PLLM_BACKEND=triton, auto path), ``triton_sgmv``,
-``triton_bgmv``, ``triton_fused`` (launcher with a forced path), ``cuda`` (PLLM_BACKEND=cuda; skipped while the
-extension has no lora kernel). Baselines: ``torch`` (the op's torch backend = the gather + einsum torch reference),
+Backends (``--backend``): ours: ``triton`` (the op, ``backend="triton"``, auto path), ``triton_sgmv``,
+``triton_bgmv``, ``triton_fused`` (launcher with a forced path), ``cuda`` (the op, ``backend="cuda"``; skipped,
+with the op's own reason, while the extension has no lora kernel or cannot run here). Baselines: ``torch`` (the
+op's torch backend, ``backend="torch"``, auto strategy),
 ``peft`` (PEFT's own ``lora.Linear`` mixed-batch forward, when peft imports;
 the base layer is stubbed to return y so only the LoRA part is timed; weights of input set 0), ``peft_mixed``
 (a replica of PEFT ``LoraLayer._mixed_batch_forward``: Python loop over adapters, index lists
@@ -28,6 +29,9 @@ write; ``bytes`` column), GB/s and % of the copy bandwidth measured in the same 
 ratio_vs_<baseline> = baseline_ms / ms (> 1: faster), pct_of_base_mm, rel_err of the delta against an fp32
 per-adapter computation. The two GPU targets (decode distinct T=64 >= 85 % of copy bandwidth; prefill T=8192
 delta <= 10 % of the base matmul) are printed as PASS/FAIL and written to ``bench_lora_summary.md``.
+
+Results: ``lora.csv`` and ``bench_lora_summary.md`` in ``--out DIR`` (default ``./pllm_bench_results``, smoke runs
+``./pllm_bench_results/smoke``).
 """
 
 from __future__ import annotations
@@ -41,7 +45,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from benchmarks import _harness as H
+from pllm_kernels.bench import harness as H
 
 # ------------------------------------------------------------------------------------------------ shapes & cases
 SHAPES: dict[str, tuple[int, tuple[int, ...]]] = {  # Llama-3-8B, TP=1: (h_in, slice output widths)
@@ -279,20 +283,23 @@ def _triton_ok(P: Problem) -> None:
 
 
 def make_backend(name: str, P: Problem):
-    """Return ``(fn(set), graph_safe, env)``: one lora_apply-equivalent call on one input set, or raise Skip."""
+    """Return ``(fn(set), graph_safe)``: one lora_apply-equivalent call on one input set, or raise Skip."""
     from pllm_kernels.ops import lora_apply
 
     meta, sizes = P.meta, list(P.slice_sizes)
     c = P.case
 
-    def op(s):
-        lora_apply(s["y"], s["x"], s["a"], s["b"], P.slot_ranks, P.slot_scales, meta, sizes)
+    def op_on(backend):
+        def op(s):
+            lora_apply(s["y"], s["x"], s["a"], s["b"], P.slot_ranks, P.slot_scales, meta, sizes, backend=backend)
+
+        return op
 
     if name == "torch":
-        return op, False, {"PLLM_BACKEND": "torch"}
+        return op_on("torch"), False
     if name == "triton":
         _triton_ok(P)
-        return op, True, {"PLLM_BACKEND": "triton"}
+        return op_on("triton"), True
     if name.startswith("triton_"):
         _triton_ok(P)
         import inspect
@@ -312,21 +319,17 @@ def make_backend(name: str, P: Problem):
                               meta.token_weights, meta.sorted_pairs, meta.seg_slot, meta.seg_start, meta.seg_len,
                               tuple(sizes), chunk=meta.chunk, path=path)
 
-        return fn, True, {}
+        return fn, True
     if name == "cuda":
-        if P.device.type != "cuda":
-            raise Skip("needs a CUDA device")
-        from pllm_kernels import _ext
-
-        if not _ext.cuda_ext_usable():
-            raise Skip(f"CUDA extension unusable: {_ext.capabilities().get('reason', 'not built')}")
+        # The op itself says whether it can run here (no kernel yet, CPU tensors, extension not built / unusable,
+        # unsupported input): one probe call on a copy of y, its RuntimeError is the skip reason.
+        op = op_on("cuda")
         probe = {k: (v.clone() if k == "y" else v) for k, v in P.sets[0].items()}
         try:
-            with _env(PLLM_BACKEND="cuda"):
-                op(probe)
+            op(probe)
         except RuntimeError as e:
-            raise Skip(f"not yet implemented ({str(e).splitlines()[0][:100]})") from None
-        return op, True, {"PLLM_BACKEND": "cuda"}
+            raise Skip(str(e).splitlines()[0][:200] if str(e) else "RuntimeError") from None
+        return op, True
 
     offs = _offsets(sizes)
     scales = [2.0 / r for r in P.ranks]
@@ -347,7 +350,7 @@ def make_backend(name: str, P: Problem):
                     out = torch.nn.functional.linear(torch.nn.functional.linear(sub, a), bb) * scales[active]
                     y3[idx, :, offs[si] : offs[si + 1]] += out.to(y3.dtype)
 
-        return fn, False, {}
+        return fn, False
     if name == "peft":
         layers = _peft_layers(P)
         names = [f"a{a}" for a in P.seq_adapters]
@@ -361,7 +364,7 @@ def make_backend(name: str, P: Problem):
                 layer.base_layer.forward = lambda *a, _y=ys, **k: _y
                 layer(x3, adapter_names=names)
 
-        return fn, False, {}
+        return fn, False
     if name == "adapter_loop":
         groups = []
         tok = P.meta.token_slots[:, 0].long()
@@ -380,7 +383,7 @@ def make_backend(name: str, P: Problem):
                 delta = parts[0] if P.S == 1 else torch.cat(parts, dim=1)
                 y.index_add_(0, idx, delta, alpha=scales[slot])
 
-        return fn, True, {}
+        return fn, True
     if name == "unfused_torch":
         gathered = c.T * (P.S * P.max_rank * P.h_in + P.N * P.max_rank) * P.sets[0]["x"].element_size()
         cap = (1536 << 20) if P.device.type == "cuda" else (128 << 20)
@@ -397,7 +400,7 @@ def make_backend(name: str, P: Problem):
             delta = parts[0] if P.S == 1 else torch.cat(parts, dim=1)
             s["y"].add_((delta.float() * coef).to(s["y"].dtype))
 
-        return fn, True, {}
+        return fn, True
     if name == "mm_single":
         if len(set(P.seq_adapters)) != 1:
             raise Skip("single-adapter roofline only for identical-adapter cases")
@@ -409,14 +412,14 @@ def make_backend(name: str, P: Problem):
             delta = parts[0] if P.S == 1 else torch.cat(parts, dim=1)
             s["y"].add_(delta, alpha=scales[0])
 
-        return fn, True, {}
+        return fn, True
     if name == "base_mm":
         w = (torch.randn(P.N, P.h_in, device=P.device) * P.h_in**-0.5).to(P.dtype)
 
         def fn(s):
             torch.matmul(s["x"], w.t())
 
-        return fn, True, {}
+        return fn, True
     raise Skip(f"unknown backend {name!r}")
 
 
@@ -481,14 +484,13 @@ def reference_delta(P: Problem, s: dict) -> torch.Tensor:
     return delta
 
 
-def _rel_err(name: str, fn, env: dict, P: Problem, ref: torch.Tensor | None) -> float:
+def _rel_err(name: str, fn, P: Problem, ref: torch.Tensor | None) -> float:
     if ref is None or name == "base_mm":
         return float("nan")
     s = dict(P.sets[0])
     y0 = s["y"].clone()
     s["y"] = y0.clone()
-    with _env(**env):
-        fn(s)
+    fn(s)
     d = s["y"].float() - y0.float()
     return float((d - ref).abs().max() / ref.abs().max().clamp_min(1e-30))
 
@@ -506,17 +508,20 @@ def run_case(P: Problem, backends, roof, *, warmup, rep, log) -> list[dict]:
     req_bytes, flops = P.required_bytes(), P.flops()
     for name in backends:
         try:
-            fn, graph_safe, env = make_backend(name, P)
+            fn, graph_safe = make_backend(name, P)
         except Skip as e:
             skipped.append((name, str(e)))
             continue
+        except Exception as e:  # building a backend failed (e.g. a probe raising something else): report, go on
+            _sync(P.device)
+            skipped.append((name, f"error: {type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"))
+            continue
         try:
-            err = _rel_err(name, fn, env, P, ref)
-            with _env(**env):
-                # Host-bound baselines (Python loops, host syncs) are not flattered by L2: 4 sets keep them fast.
-                sets = P.sets if graph_safe else P.sets[:4]
-                res = H.time_fn(fn, warmup=warmup, rep=rep, cuda_graph=graph_safe and P.device.type == "cuda",
-                                arg_sets=sets, device=P.device)
+            err = _rel_err(name, fn, P, ref)
+            # Host-bound baselines (Python loops, host syncs) are not flattered by L2: 4 sets keep them fast.
+            sets = P.sets if graph_safe else P.sets[:4]
+            res = H.time_fn(fn, warmup=warmup, rep=rep, cuda_graph=graph_safe and P.device.type == "cuda",
+                            arg_sets=sets, device=P.device)
         except Exception as e:  # a backend failing must not stop the benchmark
             _sync(P.device)
             skipped.append((name, f"error: {type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"))
@@ -655,6 +660,7 @@ def summary_markdown(rows, checks, skipped_all, roof, env, profile, cut) -> str:
 
 def main(argv=None) -> int:
     p = H.base_parser(__doc__.splitlines()[0])
+    p.prog = "python -m pllm_kernels.bench lora"
     p.add_argument("--profile", choices=("smoke", "suite", "full"), default=None,
                    help="case list (default: suite on GPU, smoke on CPU or with --smoke)")
     p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
@@ -670,7 +676,7 @@ def main(argv=None) -> int:
     profile = args.profile or ("smoke" if (args.smoke or not on_gpu) else "suite")
     smoke = profile == "smoke"
     if smoke and not args.out and not os.environ.get("PLLM_BENCH_OUT"):
-        args.out = str(H.BENCH_DIR / "results" / "tmp-smoke")  # git-ignored: smoke rows never pollute results
+        args.out = str(H.default_out("smoke"))  # smoke rows never pollute the results of real runs
     H.apply_out(args)
     dtype = getattr(torch, args.dtype)
     if not on_gpu and dtype != torch.float32:

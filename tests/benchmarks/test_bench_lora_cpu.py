@@ -6,23 +6,17 @@
 The torch backend of ``lora_apply`` against PEFT's mixed batch (PEFT's own ``lora.Linear`` when peft imports,
 and a replica of its ``_mixed_batch_forward``), a per-adapter loop and the unfused torch pipeline (per-token
 gathered weights, two einsums), on CPU-sized Llama-3-8B shapes (every width / 8, fp32). The implementations are
-those of ``benchmarks/bench_lora.py`` (one definition for the CPU and GPU figures).
+those of ``pllm_kernels.bench.lora`` (one definition for the CPU and GPU figures).
 """
 
 import os
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
+from pllm_kernels.bench import lora as B
+
 pytest.importorskip("pytest_benchmark")
-
-ROOT = Path(__file__).resolve().parents[2]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from benchmarks import bench_lora as B  # noqa: E402
 
 CPU_DIV = 8  # q 512->512, kv 512->[128,128], gate_up 512->[1792,1792], down 1792->512
 CASES = [
@@ -61,11 +55,9 @@ def _problem(case):
 def test_lora_apply_cpu(benchmark, monkeypatch, case, backend):
     P = _problem(case)
     try:
-        fn, _, env = B.make_backend(backend, P)
+        fn, _ = B.make_backend(backend, P)
     except B.Skip as e:
         pytest.skip(str(e))
-    for k, v in env.items():
-        monkeypatch.setenv(k, v)
     s = P.sets[0]
     ref = B.reference_delta(P, s)
     y0 = s["y"].clone()

@@ -11,11 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[2]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from benchmarks import _harness as H  # noqa: E402
+import pllm_kernels
+from pllm_kernels.bench import harness as H
 
 pytestmark = pytest.mark.gpu
 
@@ -43,7 +40,7 @@ def test_time_fn_graph_replays_every_set():
 
 _FAILED_CAPTURE = """
 import torch
-from benchmarks import _harness as H
+from pllm_kernels.bench import harness as H
 
 x = torch.ones(8, device="cuda")
 caller = torch.cuda.current_stream()
@@ -60,7 +57,8 @@ print("RECOVERED")
 
 
 def test_failed_capture_falls_back_and_the_process_recovers():
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
-    proc = subprocess.run([sys.executable, "-c", _FAILED_CAPTURE], cwd=ROOT, env=env, capture_output=True, text=True,
+    pkg_parent = str(Path(pllm_kernels.__file__).resolve().parent.parent)  # the child imports the same package
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [pkg_parent, os.environ.get("PYTHONPATH")]))}
+    proc = subprocess.run([sys.executable, "-c", _FAILED_CAPTURE], env=env, capture_output=True, text=True,
                           timeout=120)
     assert proc.returncode == 0 and "RECOVERED" in proc.stdout, proc.stdout[-2000:] + proc.stderr[-4000:]

@@ -1,31 +1,25 @@
-"""Mixed-user generate throughput: a smoke run of ``benchmarks/bench_generate.py`` (always) and pytest-benchmark
+"""Mixed-user generate throughput: a smoke run of ``pllm_kernels.bench.generate`` (always) and pytest-benchmark
 entries on CPU (on request only)::
 
     PLLM_RUN_BENCH=1 pytest tests/hf/test_bench_generate.py            # or: pytest ... --benchmark-enable
     PLLM_RUN_BENCH=1 pytest tests/hf/test_bench_generate.py --benchmark-autosave --benchmark-compare
 
 Entries: ours vs PEFT's mixed batch vs one merged adapter, tiny Llama (hidden 256, 4 layers), 8 distinct users,
-one row each, 16-token prompts, 32 greedy new tokens (the CPU profile of bench_generate).
+one row each, 16-token prompts, 32 greedy new tokens (the CPU profile of bench_generate). Each entry's generated
+tokens must equal PEFT's, row by row, with each row run alone under its own adapter.
 """
-
-from __future__ import annotations
 
 import csv
 import os
-import sys
-from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 
+from pllm_kernels.bench import generate as BG
+
 pytest.importorskip("transformers")
 pytest.importorskip("peft")
-
-ROOT = Path(__file__).resolve().parents[2]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from benchmarks import bench_generate as BG  # noqa: E402
 
 
 def test_bench_generate_smoke(tmp_path, monkeypatch):
@@ -38,38 +32,51 @@ def test_bench_generate_smoke(tmp_path, monkeypatch):
         assert all(r.get(col) not in (None, "") for r in rows), col
     ours = next(r for r in rows if r["backend"] == "ours")
     assert float(ours["e2e_tok_s"]) > 0 and ours["ratio_vs_peft_mixed"] != ""
+    # the benchmark checks its contenders' tokens against PEFT's mixed batch: float32, so exactly equal
+    assert float(ours["tokens_eq_peft"]) == 1.0 and int(ours["rows_compared"]) == 4 and ours["note"] == ""
+    merged = next(r for r in rows if r["backend"] == "merged")
+    assert float(merged["tokens_eq_peft"]) == 1.0 and int(merged["rows_compared"]) == 1
+
+
+def test_bench_generate_flags_wrong_tokens(tmp_path, monkeypatch):
+    """A contender whose tokens differ from PEFT's in float32 is an error of the run, not a figure."""
+    build = BG.build_contenders
+
+    def swapped_users(prof, n_users, backends):
+        c = build(prof, n_users, backends)
+        ours = c.gens["ours"]
+        c.gens["ours"] = lambda i, m, kw: ours(i.roll(1, 0), m.roll(1, 0), kw).roll(-1, 0)  # rows get others' users
+        return c
+
+    monkeypatch.setattr(BG, "build_contenders", swapped_users)
+    assert BG.main(["--smoke", "--backend", "ours,peft_mixed", "--out", str(tmp_path)]) == 1
+    with open(tmp_path / BG.CSV) as f:
+        ours = next(r for r in csv.DictReader(f) if r["backend"] == "ours")
+    assert float(ours["tokens_eq_peft"]) < 1.0 and ours["note"].startswith("error: tokens differ")
 
 
 def _enabled(config) -> bool:
     return os.environ.get("PLLM_RUN_BENCH", "0") not in ("", "0") or bool(config.getoption("benchmark_enable", False))
 
 
-_MODELS = {}
+_CASE = {}
 
 
-def _contenders():
-    """Ours, PEFT mixed and merged on identical weights (built once per session)."""
-    if not _MODELS:
-        import copy
-
-        from pllm_kernels.hf import patch_model
-        from pllm_kernels.testing import left_padded_batch, peft_reference, tiny_model
-
-        base = tiny_model("llama", **BG.CPU_MODEL)
-        specs = BG.adapter_specs(8)
-        users = list(specs)
-        peft_model, sds = peft_reference(base, specs, seed=1)
-        merged = copy.deepcopy(peft_model).merge_and_unload(adapter_names=[users[0]]).eval()
-        pm = patch_model(base, num_slots=8, max_rank=16)
-        for u in users:
-            pm.register_user(u, *sds[u])
-        ids, mask = left_padded_batch([16 - (i % 3) for i in range(8)], base.config.vocab_size, seed=2)
-        _MODELS.update(
-            ours=lambda kw: pm.generate(ids, attention_mask=mask, users=users, **kw),
-            peft_mixed=lambda kw: peft_model.generate(input_ids=ids, attention_mask=mask, adapter_names=users, **kw),
-            merged=lambda kw: merged.generate(input_ids=ids, attention_mask=mask, **kw),
-        )
-    return _MODELS
+def _case():
+    """The benchmark's own contenders of its CPU profile at 8 users (built once per session), and the reference:
+    PEFT with each row alone under its own adapter (``set_adapter``), greedy, 32 new tokens."""
+    if not _CASE:
+        prof = BG._profile(SimpleNamespace(smoke=False, gpu=False))  # the CPU profile
+        assert prof["model"] == BG.CPU_MODEL and prof["dtype"] == torch.float32
+        c = BG.build_contenders(prof, 8, BG.BACKENDS)
+        kw = BG._gen_kwargs(32)
+        with torch.no_grad():
+            rows = []
+            for i, user in enumerate(c.users):
+                c.peft_model.set_adapter(user)
+                rows.append(c.peft_model.generate(input_ids=c.ids[i : i + 1], attention_mask=c.mask[i : i + 1], **kw))
+        _CASE.update(c=c, kw=kw, ref=torch.cat(rows))
+    return _CASE
 
 
 @pytest.mark.benchmark(group="generate-cpu-8users")
@@ -78,9 +85,11 @@ def test_generate_8_users(benchmark, request, monkeypatch, backend):
     if not _enabled(request.config):
         pytest.skip("pytest-benchmark entries run on request: PLLM_RUN_BENCH=1 or --benchmark-enable")
     monkeypatch.setenv("PLLM_CHECK_VALUES", "0")
-    gen = _contenders()[backend]
-    kw = BG._gen_kwargs(32)
+    case = _case()
+    c, kw, ref = case["c"], case["kw"], case["ref"]
     with torch.no_grad():
-        out = benchmark.pedantic(gen, args=(kw,), rounds=5, iterations=1, warmup_rounds=1)
-    assert out.shape == (8, 16 + 32)
+        out = benchmark.pedantic(c.gens[backend], args=(c.ids, c.mask, kw), rounds=5, iterations=1, warmup_rounds=1)
+    assert out.shape == ref.shape == (8, 16 + 32)
+    rows = BG.compared_rows(backend, c.users)  # merged: one adapter for everyone, so only its own user's row
+    assert torch.equal(out[rows], ref[rows]), f"{backend}: generated tokens differ from PEFT's per-row runs"
     benchmark.extra_info["tokens_per_round"] = 8 * 32
