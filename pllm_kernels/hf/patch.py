@@ -143,6 +143,22 @@ class PersonalizedModel(nn.Module):
     def remove_soft_prompt(self, user_id: str) -> None:
         self.store.remove_soft_prompt(user_id)
 
+    def set_decoding(self, user_id: str, policy=None, **fields):
+        """Set a user's (created if new) decoding policy for :meth:`personalized_generate`: contrast (``contrast=``
+        lambda with ``context=`` token ids), reward guidance (``reward_weights=``, ``beta=``, ``reward_top_k=``),
+        sampling (``temperature=`` (0 = greedy), ``top_k=``, ``top_p=``, ``min_p=``) and ``seed=``. See
+        :class:`pllm_kernels.store.DecodingPolicy`."""
+        return self.store.set_decoding(user_id, policy, **fields)
+
+    def personalized_generate(self, input_ids, attention_mask=None, users=None, **kwargs):
+        """Decode a mixed batch where every row follows its user's decoding policy (plain / contrasted /
+        reward-guided, own sampling parameters and seed), composing with LoRA, steering and soft prompts.
+        Returns a :class:`pllm_kernels.hf.decoding.GenerationOutput` (``tokens``, ``logprobs``, ``finished``).
+        See :func:`pllm_kernels.hf.decoding.personalized_generate`."""
+        from pllm_kernels.hf.decoding import personalized_generate
+
+        return personalized_generate(self, input_ids, attention_mask, users, **kwargs)
+
     def remove_user(self, user_id: str) -> None:
         """Remove a user and the personal adapters no other user references (see :meth:`AdapterStore.remove_user`)."""
         self.store.remove_user(user_id)

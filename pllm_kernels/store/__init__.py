@@ -12,12 +12,14 @@ from pllm_kernels.store.adapter_store import (
     UnknownUserError,
     UserProfile,
 )
+from pllm_kernels.store.decoding import DecodingPolicy
 from pllm_kernels.store.peft_import import AdapterError, LoRAAdapter, LoRAModuleWeights, load_peft_adapter
 
 __all__ = [
     "AdapterError",
     "AdapterInUseError",
     "AdapterStore",
+    "DecodingPolicy",
     "GroupBuffers",
     "LoRAAdapter",
     "LoRAModuleWeights",

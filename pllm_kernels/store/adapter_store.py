@@ -37,6 +37,7 @@ from typing import Any
 
 import torch
 
+from pllm_kernels.store.decoding import DecodingPolicy
 from pllm_kernels.store.inputs import InputAssets, SteeringEntry, load_soft_prompt, load_vectors
 from pllm_kernels.store.peft_import import AdapterError, LoRAAdapter, LoRAModuleWeights, load_peft_adapter
 from pllm_kernels.store.slots import SlotLease, SlotPool, SlotsBusyError, lease_pools
@@ -161,7 +162,7 @@ class UserProfile:
     owned: list[str] = field(default_factory=list)
     steering: list[Any] = field(default_factory=list)
     soft_prompt: Any = None
-    decoding: Any = None
+    decoding: DecodingPolicy | None = None
     seed: int | None = None
 
     @property
@@ -515,6 +516,21 @@ class AdapterStore:
         with self._lock:
             self._profile_or_new(user_id).soft_prompt = e
         return e
+
+    def set_decoding(self, user_id: str, policy: DecodingPolicy | None = None, **fields) -> DecodingPolicy | None:
+        """Set a user's (created if new) decoding policy: a :class:`DecodingPolicy`, or its fields as keywords
+        (``contrast=``, ``context=``, ``reward_weights=``, ``beta=``, ``reward_top_k=``, ``temperature=``,
+        ``top_k=``, ``top_p=``, ``min_p=``, ``seed=``); ``None`` with no fields clears it. Validated first:
+        a bad value raises ``ValueError`` naming the field and changes nothing."""
+        if policy is not None and fields:
+            raise ValueError("give a DecodingPolicy or keyword fields, not both")
+        if policy is None and fields:
+            policy = DecodingPolicy(**fields)
+        if policy is not None and not isinstance(policy, DecodingPolicy):
+            raise TypeError(f"policy must be a DecodingPolicy, got {type(policy).__name__}")
+        with self._lock:
+            self._profile_or_new(user_id).decoding = policy
+        return policy
 
     def remove_soft_prompt(self, user_id: str) -> None:
         with self._lock:
