@@ -90,9 +90,8 @@ DEFAULT_OUT = "pllm_bench_results"  # default results folder, relative to the cu
 # yet. Point a name at its module when it lands (and add new names here).
 BENCHES: dict[str, str | None] = {
     "lora": "pllm_kernels.bench.lora",
-    "steering": None,
-    "contrast": None,
-    "sampling": None,
+    "steering": "pllm_kernels.bench.steering",
+    "decoding": "pllm_kernels.bench.decoding",
     "reward": None,
     "generate": "pllm_kernels.bench.generate",
 }
