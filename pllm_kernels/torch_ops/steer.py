@@ -10,8 +10,21 @@ from __future__ import annotations
 import torch
 
 from pllm_kernels.reference.steer import ABLATE, ABLATE_ADD, NORM_PRESERVE
+from pllm_kernels.torch_ops.memo import memo
 
 __all__ = ["steer_add_torch", "steer_rmsnorm_torch"]
+
+
+def _additive(h, vectors, token_slots, token_scales, acc):
+    """All slots are ADD: ``x = h + sum_k s_k v_k`` over the valid entries (a gather, a multiply, an add)."""
+    T, K = token_slots.shape
+    L = vectors.shape[0]
+    sl = token_slots.long()
+    ok = (sl >= 0) & (sl < L)
+    v = vectors.index_select(0, sl.clamp(0, L - 1).reshape(-1)).view(T, K, -1).to(acc)
+    s = torch.where(ok, token_scales.to(acc), 0.0)[:, :, None]
+    delta = torch.where(ok[:, :, None], s * v, 0.0)
+    return h.to(acc) + (delta[:, 0] if K == 1 else delta.sum(1)), ok.any(1)
 
 
 def _steer(h, vectors, token_slots, token_scales, slot_modes):
@@ -19,6 +32,8 @@ def _steer(h, vectors, token_slots, token_scales, slot_modes):
     T, K = token_slots.shape
     L = vectors.shape[0]
     acc = torch.float64 if h.dtype == torch.float64 else torch.float32
+    if memo(slot_modes, "steer_all_add", lambda m: bool((m == 0).all())):
+        return _additive(h, vectors, token_slots, token_scales, acc)
     x = h.to(acc)
     touched = torch.zeros(T, dtype=torch.bool, device=h.device)
     for k in range(K):
