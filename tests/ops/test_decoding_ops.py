@@ -176,9 +176,9 @@ def _chi2_critical(df: int, alpha_z: float = 3.719) -> float:
     dict(t=1.0, k=0, p=1.0, mp=0.0), dict(t=0.7, k=0, p=1.0, mp=0.0), dict(t=1.3, k=4, p=1.0, mp=0.0),
     dict(t=1.0, k=0, p=0.8, mp=0.0), dict(t=1.0, k=0, p=1.0, mp=0.2), dict(t=0.9, k=6, p=0.9, mp=0.05),
 ])
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_sampler_chi_square(params, backend):
-    V, N = 10, 20000 if backend == "torch" else 4000
+def test_sampler_chi_square(params, backend="torch"):
+    """On the torch backend; the Triton kernels draw exactly the same tokens (test below), so they inherit it."""
+    V, N = 10, 20000
     z = torch.tensor([2.0, 1.5, 1.2, 0.9, 0.5, 0.0, -0.3, -1.0, -2.0, 0.7])
     probs = _exact_probs(z, params["t"], params["k"], params["p"], params["mp"])
     tokens, _ = sample_tokens(z.expand(N, V).contiguous(), params["t"], params["k"], params["p"], params["mp"],
