@@ -153,26 +153,38 @@ def lora_apply_torch(y, x, lora_a, lora_b, slot_ranks, slot_scales, token_slots,
 
 
 def _apply_gathered(y, x, lora_a, lora_b, slot_ranks, slot_scales, token_slots, token_weights, offsets, acc):
-    """Gathered (BGMV-like) path. Weights of pairs without an adapter and rank padding are replaced by zeros with
-    ``torch.where`` (not multiplied by 0, which keeps NaN), so they never reach a row."""
+    """Gathered (BGMV-like) path over the valid pairs only: pairs without an adapter are never gathered, the rank is
+    cut to the largest rank the batch uses, and rank padding is replaced by zeros with ``torch.where`` (not
+    multiplied by 0, which keeps NaN) only when the used ranks differ; so nothing a row is not routed to reaches it."""
     T, K = token_slots.shape
     L, S, R, H = lora_a.shape
     N = lora_b.shape[1]
-    P = K * T
     # index_select, not advanced indexing: the latter is ~100x slower on multi-threaded CPU torch.
-    sc, tok, valid, idx = memo(token_slots, ("gather", L), lambda ts: _gather_plan(ts, L))
-    keep = (torch.arange(R, device=x.device)[None, :] < slot_ranks.index_select(0, sc)[:, None]) & valid[:, None]
-    coef = torch.where(valid, token_weights.t().reshape(-1).to(acc) * slot_scales.index_select(0, sc).to(acc), 0.0)
-    a = lora_a.index_select(0, sc).to(acc)  # (P, S, R, H)
-    a = torch.where(keep[:, None, :, None], a, 0.0).reshape(P, S * R, H)
-    v = torch.bmm(a, x.index_select(0, tok).to(acc)[:, :, None]).view(P, S, R) * coef[:, None, None]
-    b = lora_b.index_select(0, sc).to(acc)  # (P, N, R)
-    b = torch.where(keep[:, None, :], b, 0.0)
+    sc, pair, tok, used, idx, one_per_token = memo(token_slots, ("gather", L), lambda ts: _gather_plan(ts, L))
+    if not used:
+        return
+    ranks = _ranks(slot_ranks, R)
+    r = max(ranks[s] for s in used)
+    if r == 0:
+        return
+    P = sc.shape[0]
+    coef = token_weights.t().reshape(-1).index_select(0, pair).to(acc) * slot_scales.index_select(0, sc).to(acc)
+    a = lora_a.index_select(0, sc)[:, :, :r].to(acc).reshape(P, S * r, H)  # (P, S*r, H)
+    v = torch.bmm(a, x.index_select(0, tok).to(acc)[:, :, None]).view(P, S, r)
+    b = lora_b.index_select(0, sc)[:, :, :r].to(acc)  # (P, N, r)
+    if any(ranks[s] != r for s in used):  # mixed ranks: cut each pair's padding
+        keep = torch.arange(r, device=x.device)[None, :] < slot_ranks.index_select(0, sc)[:, None]
+        v = torch.where(keep[:, None, :], v, 0.0)
+        b = torch.where(keep[:, None, :], b, 0.0)
+    v = v * coef[:, None, None]
     if S == 1:
-        d = torch.bmm(b, v.view(P, R, 1))
+        d = torch.bmm(b, v.view(P, r, 1)).view(P, N)
     else:
-        d = torch.cat([torch.bmm(b[:, offsets[s] : offsets[s + 1]], v[:, s, :, None]) for s in range(S)], 1)
-    delta = d.view(K, T, N).sum(0) if K > 1 else d.view(T, N)
+        d = torch.cat([torch.bmm(b[:, offsets[s] : offsets[s + 1]], v[:, s, :, None]) for s in range(S)], 1).view(P, N)
+    if one_per_token:  # each touched token has exactly one valid pair: d's rows are the tokens idx (same order)
+        y.index_copy_(0, idx, (y.index_select(0, idx).to(acc) + d).to(y.dtype))
+        return
+    delta = torch.zeros(T, N, dtype=acc, device=y.device).index_add_(0, tok, d)
     y.index_copy_(0, idx, (y.index_select(0, idx).to(acc) + delta.index_select(0, idx)).to(y.dtype))
 
 
@@ -187,12 +199,18 @@ def _run_plan(token_slots, sorted_pairs, num_slots):
 
 
 def _gather_plan(token_slots, num_slots):
-    """Per-forward part of the gathered path: per-pair slot (clamped), token, validity, and the tokens that have
-    at least one adapter."""
+    """Per-forward part of the gathered path, over the valid pairs only (k-major): their slot, pair index, token,
+    the slots used (host), the touched tokens, and whether each touched token has a single valid pair."""
     T, K = token_slots.shape
     flat = token_slots.t().reshape(-1).long()
     valid = (flat >= 0) & (flat < num_slots)
-    sc = flat.clamp(0, num_slots - 1)
-    tok = torch.arange(K * T, device=flat.device) % T
-    idx = valid.view(K, T).any(0).nonzero().squeeze(1)
-    return sc, tok, valid, idx
+    pair = valid.nonzero().squeeze(1)
+    sc = flat.index_select(0, pair)
+    tok = pair % T
+    per_token = valid.view(K, T).sum(0)
+    idx = (per_token > 0).nonzero().squeeze(1)
+    one = bool((per_token <= 1).all())
+    if one:  # order the pairs by token so d's rows line up with idx
+        order = torch.argsort(tok, stable=True)
+        pair, sc, tok = pair[order], sc[order], tok[order]
+    return sc, pair, tok, sorted(set(sc.tolist())), idx, one
