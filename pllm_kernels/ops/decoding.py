@@ -37,10 +37,10 @@ def _fused_torch(tokens, logprobs, sources, coefs, reward, beta, reward_top_k, t
     B, V = sources.shape[1:]
     z = torch.empty(B, V, dtype=torch.float32, device=sources.device)
     torch_dec.mix_logprobs_torch(z, sources, coefs)
-    if reward is not None:
-        g = torch.empty_like(z)
-        torch_dec.reward_guided_torch(g, z, reward, beta, reward_top_k)
-        z = g
+    if reward is not None:  # guidance on the mixed log-probs; candidates from sources[0] (the base logits)
+        cand = torch_dec.candidates_mask(sources[0], reward_top_k)
+        s = z + beta.to(torch.float32)[:, None] * torch.where(cand, reward.to(torch.float32), 0.0)
+        z = torch.log_softmax(torch.where(cand, s, float("-inf")), -1)
     torch_dec.sample_torch(tokens, logprobs, z, temperature, top_k, top_p, min_p, seed, step)
 
 
@@ -268,9 +268,10 @@ def fused_sample(sources, coefs, *, reward: torch.Tensor | None = None, beta=0.0
                  top_k=0, top_p=1.0, min_p=0.0, seed=0, step=0, backend: str | None = None
                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """Mixing + token-level reward guidance + sampling in one op (one pass over each logit row where the backend
-    fuses it): ``z = mix_logprobs(sources, coefs)``, then with ``reward (B, V)``
-    ``z = reward_guided_logprobs(z, reward, beta, reward_top_k)`` (candidates from ``sources[0]``, the base
-    logits), then :func:`sample_tokens` on ``z``. Returns ``(tokens, logprobs)``."""
+    fuses it): ``z = mix_logprobs(sources, coefs)``; with ``reward (B, V)``,
+    ``z = log_softmax(z + beta * reward)`` over the candidates (``-inf`` elsewhere), where the candidates are the
+    first ``reward_top_k`` tokens of ``sources[0]`` (the base logits; 0 = every token); then :func:`sample_tokens`
+    on ``z``. With one source this is ``reward_guided_logprobs(z, ...)`` exactly. Returns ``(tokens, logprobs)``."""
     backend = _backend_arg(backend)
     sources, coefs = _check_sources(sources, coefs)
     S, B, V = sources.shape

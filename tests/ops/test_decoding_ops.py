@@ -18,6 +18,7 @@ from pllm_kernels.reference.decoding import (
     mix_logprobs_ref,
     reward_guided_ref,
     sample_ref,
+    top_k_candidates_ref,
 )
 
 BACKENDS = ["torch", pytest.param("triton", marks=pytest.mark.interpreter)]
@@ -233,8 +234,11 @@ def test_fused_equals_composition(backend):
     for r, rk in ((None, 0), (reward, 0), (reward, 5)):
         tok, lp = fused_sample(src, coefs, reward=r, beta=0.8, reward_top_k=rk, backend=backend, **kw)
         z = mix_logprobs_ref(src, coefs)
-        if r is not None:
-            z = reward_guided_ref(z, r, 0.8, rk)
+        if r is not None:  # candidates from sources[0] (the base logits); guidance on the mixed log-probs
+            cand = torch.zeros(B, V, dtype=torch.bool)
+            for b in range(B):
+                cand[b, top_k_candidates_ref(src[0, b], rk) if rk else list(range(V))] = True
+            z = torch.log_softmax(torch.where(cand, z + 0.8 * r.double(), -math.inf), -1)
         want, want_lp = sample_ref(z, kw["temperature"], 5, 0.9, 0.0, kw["seed"], 7)
         assert torch.equal(tok, want)
         assert_close(lp, want_lp, torch.float32, scale=20)

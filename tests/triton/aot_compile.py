@@ -21,10 +21,11 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
+from pllm_kernels.triton import decoding as tl_decoding
 from pllm_kernels.triton import lora as tl_lora
 from pllm_kernels.triton import steer as tl_steer
 
-FAMILIES = {"lora": tl_lora, "steer": tl_steer}
+FAMILIES = {"lora": tl_lora, "steer": tl_steer, "decoding": tl_decoding}
 
 
 def _cuobjdump() -> str:
