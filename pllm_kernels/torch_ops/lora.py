@@ -10,6 +10,9 @@ Two strategies for ``lora_apply`` (``strategy=``):
   Python loop per adapter. Best for distinct-adapter decode.
 * ``"auto"``: gather for many short runs (decode), runs otherwise.
 
+Accumulation uses ``index_put_(accumulate=True)``, not ``index_add_``: on multi-threaded CPU torch the latter takes
+~40 ms per small call when the cores are busy (OpenMP contention), ~10000x the 4 us of the former.
+
 Isolation (every strategy): a pair with slot ``-1`` (or out of range), the padding beyond a slot's rank and a
 rank-0 slot are never read into a row's result, so NaN / inf there cannot reach any row.
 """
@@ -96,7 +99,7 @@ def lora_expand_torch(y, v, lora_b, slot_ranks, slot_scales, token_slots, token_
             v[s, rows, :r].to(acc) @ lora_b[slot, offsets[s] : offsets[s + 1], :r].to(acc).t()
             for s in range(len(slice_sizes))
         ]
-        delta.index_add_(0, tokens, coef * torch.cat(parts, dim=1))
+        delta.index_put_((tokens,), coef * torch.cat(parts, dim=1), accumulate=True)
     y[touched] = (y[touched].to(acc) + delta[touched]).to(y.dtype)
 
 
@@ -149,7 +152,7 @@ def lora_apply_torch(y, x, lora_a, lora_b, slot_ranks, slot_scales, token_slots,
         else:
             d = torch.cat([torch.mm(v[:, s * r : (s + 1) * r], b[offsets[s] : offsets[s + 1]].t()) for s in range(S)],
                           dim=1)
-        y.index_add_(0, tokens, d if d.dtype == y.dtype else d.to(y.dtype))
+        y.index_put_((tokens,), d if d.dtype == y.dtype else d.to(y.dtype), accumulate=True)
 
 
 def _apply_gathered(y, x, lora_a, lora_b, slot_ranks, slot_scales, token_slots, token_weights, offsets, acc):
@@ -184,7 +187,7 @@ def _apply_gathered(y, x, lora_a, lora_b, slot_ranks, slot_scales, token_slots, 
     if one_per_token:  # each touched token has exactly one valid pair: d's rows are the tokens idx (same order)
         y.index_copy_(0, idx, (y.index_select(0, idx).to(acc) + d).to(y.dtype))
         return
-    delta = torch.zeros(T, N, dtype=acc, device=y.device).index_add_(0, tok, d)
+    delta = torch.zeros(T, N, dtype=acc, device=y.device).index_put_((tok,), d, accumulate=True)
     y.index_copy_(0, idx, (y.index_select(0, idx).to(acc) + delta.index_select(0, idx)).to(y.dtype))
 
 
