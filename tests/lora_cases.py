@@ -31,7 +31,9 @@ class LoRACase:
 
 def make_case(T=7, h_in=32, slice_sizes=(24,), ranks=(8, 4, 1), max_rank=8, K=1, dtype=torch.float32,
               none_frac=0.25, seed=0, slots=None, x_noncontig=False, y_noncontig=False, chunk=None,
-              device="cpu") -> LoRACase:
+              device="cpu", neg_zeros=False) -> LoRACase:
+    """``neg_zeros``: every third column of y holds -0.0 (in every row), so that a "+ 0" write to a row without
+    adapter changes its bits (see ``utils.assert_bitwise_equal``); adapted rows are unaffected numerically."""
     g = torch.Generator().manual_seed(seed)
     L = len(ranks)
     S = len(slice_sizes)
@@ -59,6 +61,8 @@ def make_case(T=7, h_in=32, slice_sizes=(24,), ranks=(8, 4, 1), max_rank=8, K=1,
     weights = (torch.rand(T, K, generator=g) + 0.5).float()
     scales = (torch.rand(L, generator=g) + 0.5).float()
     x, y, a, b = x.to(**cast), y.to(**cast), a.to(**cast), b.to(**cast)
+    if neg_zeros:
+        y[:, ::3] = -0.0
     slots, weights = slots.to(device), weights.to(device)
     return LoRACase(
         x=x, y=y, lora_a=a, lora_b=b,

@@ -36,6 +36,21 @@ def _check_device(where: str, x: torch.Tensor, lora_a: torch.Tensor) -> None:
         )
 
 
+def _touched(batch: PersonalBatch, meta) -> torch.Tensor:
+    """``(T, 1)`` bool: tokens with at least one adapter (once per forward, kept in the batch's scratch)."""
+    t = batch.scratch.get("lora_touched")
+    if t is None:
+        t = ((meta.token_slots >= 0) & (meta.token_slots < meta.num_slots)).any(1, keepdim=True)
+        batch.scratch["lora_touched"] = t
+    return t
+
+
+def _add_rows(y2: torch.Tensor, delta: torch.Tensor, touched: torch.Tensor) -> None:
+    """``y2 += delta`` on the touched rows only (``torch.where``, no host sync): rows without an adapter keep their
+    bits (adding a zero delta would turn -0.0 into +0.0)."""
+    y2.copy_(torch.where(touched, y2 + delta.to(y2.dtype), y2))
+
+
 class LoRAGroup:
     """Runtime side of a group of targets that read the same input (q/k/v, gate/up; see the store's
     ``GroupBuffers``): the first member called in a forward computes the LoRA deltas of every member with one
@@ -158,8 +173,7 @@ class MultiLoRALinear(nn.Module):
             runtime, i, name = group
             off = runtime.buffers.offsets[i]
             d = runtime.delta(name, x, x2, batch, meta, self.lora_backend, self.lora_strategy)
-            y2.add_(d[:, off : off + self.out_features] if d.dtype == y2.dtype else
-                    d[:, off : off + self.out_features].to(y2.dtype))
+            _add_rows(y2, d[:, off : off + self.out_features], _touched(batch, meta))
             return y
         # Full argument checks once per (device, dtype, routing layout, buffer placement); after that the per-call
         # checks are skipped (~150 calls per decode step): the store validated the adapters and built the routing.
@@ -171,7 +185,7 @@ class MultiLoRALinear(nn.Module):
         lora_apply(out, x2, buf.lora_a, buf.lora_b, buf.slot_ranks, buf.slot_scales, meta, buf.slice_sizes,
                    backend=self.lora_backend, strategy=self.lora_strategy, validate=validate)
         if out is not y2:
-            y2.add_(out.to(y2.dtype))
+            _add_rows(y2, out, _touched(batch, meta))
         if validate:
             self.__dict__["_validated"] = key
         return y

@@ -12,7 +12,7 @@ import torch
 pytest.importorskip("transformers")
 pytest.importorskip("peft")
 
-from utils import assert_close  # noqa: E402
+from utils import assert_bitwise_equal, assert_close  # noqa: E402
 
 from pllm_kernels.hf import AdapterError, PatchError, UnknownUserError, patch_model, unpatch_model  # noqa: E402
 from pllm_kernels.hf import targets as hf_targets  # noqa: E402
@@ -206,11 +206,12 @@ def test_unpatch_restores_model(llama):
         patch_model(base)
     pm.register_user("a0", *sds["a0"])
     assert not torch.equal(pm(ids, attention_mask=mask, users=["a0", "a0"]).logits, before)
-    assert torch.equal(pm(ids, attention_mask=mask, users=[None, None]).logits, before)
+    assert_bitwise_equal(pm(ids, attention_mask=mask, users=[None, None]).logits, before, msg="users=[None, None]")
+    assert_bitwise_equal(pm(ids, attention_mask=mask).logits, before, msg="users=None")
     unpatch_model(base)
     assert not any(isinstance(m, MultiLoRALinear) for m in base.modules())
     assert all(originals[n] is m for n, m in base.named_modules())
-    assert torch.equal(base(input_ids=ids, attention_mask=mask).logits, before)
+    assert_bitwise_equal(base(input_ids=ids, attention_mask=mask).logits, before, msg="after unpatch")
     with pytest.raises(PatchError, match="not patched"):
         unpatch_model(base)
 
@@ -261,4 +262,88 @@ def test_rank_above_capacity(llama):
         with pytest.raises(AdapterError, match="rank 8 .* max_rank=4"):
             pm.register_user("a2", *sds["a2"])
     finally:
+        pm.unpatch()
+
+
+@torch.no_grad()
+def test_alpha_and_rank_pattern_match_peft(llama):
+    """``alpha_pattern`` / ``rank_pattern`` (short and full-path keys) give each module PEFT's scale: the parsed
+    scales and the logits of a mixed batch against PEFT's."""
+    base, _, _ = llama
+    spec = dict(r=4, lora_alpha=8, target_modules="all-linear", rank_pattern={"v_proj": 2},
+                alpha_pattern={"q_proj": 32, "model.layers.1.mlp.down_proj": 1, "v_proj": 6})
+    peft_model, sds = peft_reference(base, {"pat": spec}, seed=4)
+    sd, cfg = sds["pat"]
+    mods = load_peft_adapter(sd, cfg).modules
+    assert mods["model.layers.0.self_attn.q_proj"].scale == pytest.approx(32 / 4)
+    assert mods["model.layers.1.mlp.down_proj"].scale == pytest.approx(1 / 4)
+    assert mods["model.layers.0.mlp.down_proj"].scale == pytest.approx(8 / 4)
+    assert mods["model.layers.1.self_attn.v_proj"].scale == pytest.approx(6 / 2)
+    assert mods["model.layers.1.self_attn.o_proj"].scale == pytest.approx(8 / 4)
+    pm = patch_model(base, num_slots=2, max_rank=8)
+    try:
+        pm.register_user("pat", sd, cfg)
+        ids, mask = left_padded_batch([5, 3, 5], 128, seed=8)
+        ours = pm(ids, attention_mask=mask, users=["pat", None, "pat"]).logits
+        ref = peft_model(input_ids=ids, attention_mask=mask, adapter_names=["pat", "__base__", "pat"]).logits
+        valid = mask.bool()
+        assert_close(ours[valid], ref[valid], torch.float32, scale=float(ref.abs().max()))
+    finally:
+        pm.unpatch()
+
+
+NEG_ZERO_CASES = [
+    pytest.param("torch", "gather", False, None, id="torch-gather"),
+    pytest.param("torch", "runs", False, None, id="torch-runs"),
+    pytest.param("torch", "gather", True, None, id="torch-gather-fused_projections"),
+    pytest.param("torch", "runs", True, None, id="torch-runs-fused_projections"),
+    pytest.param("torch", "runs", False, torch.float64, id="torch-runs-float64_slots"),
+    pytest.param("triton", "auto", False, None, id="triton", marks=pytest.mark.interpreter),
+]
+
+
+@pytest.mark.parametrize("backend,strategy,fuse,slot_dtype", NEG_ZERO_CASES)
+@torch.no_grad()
+def test_rows_without_user_keep_base_layer_output_bitwise(llama, backend, strategy, fuse, slot_dtype):
+    """Every patched layer's output for rows without a user (and for padding positions of every row) is its base
+    layer's output bit for bit, with -0.0 planted in that output (a "+ 0" would turn it into +0.0, which
+    ``torch.equal`` and the logits cannot see). K = 2 (shared + own) and K = 1 users in the batch."""
+    base, _, sds = llama
+    pm = patch_model(base, num_slots=4, max_rank=8, fuse_projections=fuse, dtype=slot_dtype)
+    pm.set_backend(backend, strategy=strategy)
+    handles = []
+    try:
+        pm.add_adapter("shared", *sds["a0"])
+        pm.register_user("alice", *sds["a2"], adapters=[("shared", 0.5)])
+        pm.register_user("bob", *sds["a1"])
+        seen = {}
+
+        def plant(name):
+            def hook(mod, args, out):
+                out = out.clone()
+                out[..., ::3] = -0.0
+                seen[name] = [out.clone()]
+                return out
+            return hook
+
+        def record(name):
+            return lambda mod, args, out: seen[name].append(out.clone())
+
+        for name, m in base.named_modules():
+            if isinstance(m, MultiLoRALinear):
+                handles.append(m.base_layer.register_forward_hook(plant(name)))
+                handles.append(m.register_forward_hook(record(name)))
+        users = ["alice", None, "bob", None]
+        ids, mask = left_padded_batch([3, 4, 2, 1], 128, seed=9)
+        pm(ids, attention_mask=mask, users=users)
+        assert len(seen) == 14
+        untouched = torch.tensor([u is None for u in users])[:, None] | (mask == 0)  # (B, S)
+        changed = 0
+        for name, (base_out, out) in seen.items():
+            assert_bitwise_equal(out[untouched], base_out[untouched], msg=f"{name}: rows without a user / padding")
+            changed += int((out[~untouched] != base_out[~untouched]).any())
+        assert changed == 14, "every layer has an adapter of a user in the batch"
+    finally:
+        for h in handles:
+            h.remove()
         pm.unpatch()

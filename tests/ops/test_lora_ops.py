@@ -3,7 +3,7 @@
 import pytest
 import torch
 from lora_cases import make_case
-from utils import assert_close
+from utils import assert_bitwise_equal, assert_close
 
 from pllm_kernels.batch import build_lora_meta
 from pllm_kernels.ops import lora as ops
@@ -15,7 +15,10 @@ CASES = [
     dict(T=33, h_in=64, slice_sizes=(40, 40), ranks=tuple([1, 8, 16, 64] * 8 + [8]), max_rank=64),
     dict(T=20, h_in=32, slice_sizes=(16,), ranks=(8, 8), max_rank=8, none_frac=1.0),
     dict(T=17, h_in=2049, slice_sizes=(5,), ranks=(1, 8), max_rank=8, x_noncontig=True, y_noncontig=True),
+    # 6 slices of different widths (> _MAX_SLICES = 4: the Triton launchers run them as two launch groups)
+    dict(T=11, h_in=24, slice_sizes=(8, 4, 4, 12, 6, 3), ranks=(4, 2, 1), max_rank=4, K=2, none_frac=0.5),
 ]
+MANY_SLICES = 5  # index of the > 4 slices case
 
 
 def ref_apply(c):
@@ -27,26 +30,28 @@ def ref_apply(c):
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("case", range(len(CASES)))
 def test_apply_matches_reference(case, dtype):
-    c = make_case(dtype=dtype, seed=case, **CASES[case])
+    c = make_case(dtype=dtype, seed=case, neg_zeros=True, **CASES[case])
     y0, expected = c.y.clone(), ref_apply(c)
     y = ops.lora_apply(c.y, c.x, c.lora_a, c.lora_b, c.slot_ranks, c.slot_scales, c.meta, c.slice_sizes)
     assert y is c.y
     assert_close(y, expected, dtype, msg=f"case {case}")
     untouched = (c.token_slots < 0).all(dim=1)
-    assert torch.equal(y[untouched], y0[untouched])
+    assert_bitwise_equal(y[untouched], y0[untouched], msg=f"case {case}: rows without adapter")
 
 
 @pytest.mark.parametrize("case", range(len(CASES)))
 def test_shrink_expand_match_reference(case):
-    c = make_case(seed=10 + case, **CASES[case])
+    c = make_case(seed=10 + case, neg_zeros=True, **CASES[case])
     v = ops.lora_shrink(c.x, c.lora_a, c.slot_ranks, c.meta)
     v_ref = lora_shrink_ref(c.x.double(), c.lora_a.double(), c.token_slots, c.slot_ranks)
     assert_close(v, v_ref, torch.float32)
-    y0 = c.y.double().clone()
+    y0 = c.y.clone()
     y = ops.lora_expand(c.y, v, c.lora_b, c.slot_ranks, c.slot_scales, c.meta, c.slice_sizes)
-    y_ref = lora_expand_ref(y0, v_ref, c.lora_b.double(), c.token_slots, c.token_weights,
+    y_ref = lora_expand_ref(y0.double(), v_ref, c.lora_b.double(), c.token_slots, c.token_weights,
                             c.slot_ranks, c.slot_scales, c.slice_sizes)
     assert_close(y, y_ref, torch.float32)
+    untouched = (c.token_slots < 0).all(dim=1)
+    assert_bitwise_equal(y[untouched], y0[untouched], msg=f"case {case}: expand, rows without adapter")
 
 
 def test_shrink_out_buffer_is_reused():
@@ -166,24 +171,28 @@ def test_apply_triton_backend_through_op(case, dtype, monkeypatch):
     calls = []
     real = tl_lora.lora_apply_triton
     monkeypatch.setattr(tl_lora, "lora_apply_triton", lambda *a, **k: calls.append(1) or real(*a, **k))
-    c = make_case(dtype=dtype, seed=20 + case, **CASES[case])
+    c = make_case(dtype=dtype, seed=20 + case, neg_zeros=True, **CASES[case])
     y0, expected = c.y.clone(), ref_apply(c)
     ops.lora_apply(c.y, c.x, c.lora_a, c.lora_b, c.slot_ranks, c.slot_scales, c.meta, c.slice_sizes, backend="triton")
     assert calls, "the Triton launcher was not called"
     assert_close(c.y, expected, dtype, msg=f"case {case}")
     untouched = (c.token_slots < 0).all(dim=1)
-    assert torch.equal(c.y[untouched], y0[untouched])
+    assert_bitwise_equal(c.y[untouched], y0[untouched], msg=f"case {case}: rows without adapter")
 
 
 @pytest.mark.parametrize("strategy", ["gather", "runs"])
-@pytest.mark.parametrize("case", [1, 2, 4])
-def test_torch_apply_both_strategies(case, strategy):
-    """The torch backend's per-run matmuls and its gathered-weights batched path agree with the reference."""
-    c = make_case(seed=30 + case, **CASES[case])
-    expected = ref_apply(c)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("case", [1, 2, 3, 4, MANY_SLICES])
+def test_torch_apply_both_strategies(case, strategy, dtype):
+    """The torch backend's per-run matmuls and its gathered-weights batched path agree with the reference; rows
+    without adapter keep their bits (-0.0 planted in y)."""
+    c = make_case(seed=30 + case, dtype=dtype, neg_zeros=True, **CASES[case])
+    y0, expected = c.y.clone(), ref_apply(c)
     ops.lora_apply(c.y, c.x, c.lora_a, c.lora_b, c.slot_ranks, c.slot_scales, c.meta, c.slice_sizes, backend="torch",
                    strategy=strategy)
-    assert_close(c.y, expected, torch.float32)
+    assert_close(c.y, expected, dtype)
+    untouched = (c.token_slots < 0).all(dim=1)
+    assert_bitwise_equal(c.y[untouched], y0[untouched], msg=f"case {case}/{strategy}: rows without adapter")
 
 
 def test_apply_without_validation_matches(case):

@@ -3,7 +3,9 @@
 Run: ``TRITON_INTERPRET=1 pytest -m interpreter tests/triton/test_lora_triton.py``. Every path (sgmv, bgmv,
 fused) of shrink / expand / apply is forced explicitly; inputs are fresh random non-zero tensors, including the
 rank padding of A, B and v (garbage that must be ignored), mixed ranks 1/8/16/64 in one R = 64 buffer, rows
-without adapter, K = 2 weighted slots, S = 1 and S = 3 slices of different widths, non-contiguous x and y.
+without adapter, K = 2 weighted slots, S = 1, S = 3 and S = 6 slices of different widths (6 > ``_MAX_SLICES``:
+the expand launches run in two slice groups), non-contiguous x and y. Rows without adapter are compared bit for bit
+with -0.0 planted in y.
 bf16 is checked only by ``test_apply_gpu`` (marker ``gpu``): ``tl.dot`` on bf16 is wrong under the interpreter.
 """
 
@@ -14,10 +16,12 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-from utils import assert_close
+from utils import assert_bitwise_equal, assert_close
 
 from pllm_kernels.batch import build_lora_meta
+from pllm_kernels.ops import lora as ops
 from pllm_kernels.reference.lora import lora_apply_ref, lora_expand_ref, lora_shrink_ref
+from pllm_kernels.triton import lora as tl_lora
 from pllm_kernels.triton.lora import choose_path, lora_apply_triton, lora_expand_triton, lora_shrink_triton
 
 interpreter = pytest.mark.interpreter
@@ -53,9 +57,12 @@ CASES = {
     "qkv_small": Case(T=4, H=40, L=3, S=3, R=16, sizes=(32, 16, 16), K=2, ranks=(16, 1, 8), x_layout="stride2",
                       y_layout="colslice"),
     "mixed_small": Case(T=5, H=111, L=4, S=1, R=64, sizes=(33,), ranks=(64, 8, 1, 16), x_layout="transposed"),
+    # 6 slices (> _MAX_SLICES = 4) of different widths: two expand launch groups, the second at slice base 4
+    "six_slices": Case(T=9, H=24, L=3, S=6, R=8, sizes=(16, 8, 8, 24, 12, 4), K=2, ranks=(8, 4, 1),
+                       x_layout="stride2", y_layout="colslice"),
 }
-SGMV_CASES = ("odd111_mixed", "qkv_k2", "h2049", "many_slots")
-DECODE_CASES = ("odd111_mixed", "qkv_k2", "h2049")  # bgmv/fused are per-token kernels: keep T small
+SGMV_CASES = ("odd111_mixed", "qkv_k2", "h2049", "many_slots", "six_slices")
+DECODE_CASES = ("odd111_mixed", "qkv_k2", "h2049", "six_slices")  # bgmv/fused are per-token kernels: keep T small
 
 
 def _gen(*key) -> torch.Generator:
@@ -111,11 +118,6 @@ def _expand_ref(d, y0, v, sizes):
                            d["ranks"], d["scales"].double(), sizes)
 
 
-def _bits_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
-    ity = {2: torch.int16, 4: torch.int32, 8: torch.int64}[a.element_size()]
-    return torch.equal(a.contiguous().view(ity), b.contiguous().view(ity))
-
-
 def _check_y(d, y_full0, ref, dtype, case):
     """Compare the adapted rows; rows without adapter and columns outside y must be bit-for-bit untouched."""
     y, y_full = d["y"], d["y_full"]
@@ -123,9 +125,10 @@ def _check_y(d, y_full0, ref, dtype, case):
     _assert_close(y[has], ref[has], dtype)
     n = y.shape[1]
     if case.y_layout == "colslice":
-        assert _bits_equal(y_full[:, :3], y_full0[:, :3]) and _bits_equal(y_full[:, 3 + n :], y_full0[:, 3 + n :])
+        assert_bitwise_equal(y_full[:, :3], y_full0[:, :3], msg="columns left of y")
+        assert_bitwise_equal(y_full[:, 3 + n :], y_full0[:, 3 + n :], msg="columns right of y")
         y_full0 = y_full0[:, 3 : 3 + n]
-    assert _bits_equal(y[~has], y_full0[~has])
+    assert_bitwise_equal(y[~has], y_full0[~has], msg="rows without adapter")
 
 
 @interpreter
@@ -157,6 +160,7 @@ def test_expand(path, name, dtype):
 
 
 APPLY = [("sgmv", n) for n in SGMV_CASES] + [("bgmv", "qkv_k2"), ("bgmv", "odd111_mixed")]
+APPLY += [("bgmv", "six_slices")]
 APPLY += [("fused", "qkv_small"), ("fused", "mixed_small"), ("fused", "h2049")]
 
 
@@ -186,7 +190,7 @@ def test_all_rows_without_adapter_untouched(path):
     lora_apply_triton(d["y"], d["x"], d["lora_a"], d["lora_b"], d["ranks"], d["scales"], m.token_slots,
                       m.token_weights, m.sorted_pairs, m.seg_slot, m.seg_start, m.seg_len, case.sizes, chunk=m.chunk,
                       path=path)
-    assert _bits_equal(d["y_full"], y_full0)
+    assert_bitwise_equal(d["y_full"], y_full0)
     if path != "fused":
         out = torch.randn(case.S, case.K * case.T, case.R, generator=_gen("garbage"))
         lora_shrink_triton(d["x"], d["lora_a"], d["ranks"], *_meta_args(m), out, chunk=m.chunk, path=path)
@@ -194,7 +198,7 @@ def test_all_rows_without_adapter_untouched(path):
         v = torch.randn(case.S, case.K * case.T, case.R, generator=_gen("v"))
         lora_expand_triton(d["y"], v, d["lora_b"], d["ranks"], d["scales"], m.token_slots, m.token_weights,
                            m.sorted_pairs, m.seg_slot, m.seg_start, m.seg_len, case.sizes, chunk=m.chunk, path=path)
-        assert _bits_equal(d["y_full"], y_full0)
+        assert_bitwise_equal(d["y_full"], y_full0)
 
 
 @interpreter
@@ -218,21 +222,82 @@ def test_out_of_range_slots_and_ranks_are_safe(path):
     _check_y(d, y_full0, ref, torch.float32, case)
 
 
+KERNELS = {
+    "_lora_shrink_sgmv_kernel": "shrink_sgmv", "_lora_shrink_bgmv_kernel": "shrink_bgmv",
+    "_lora_expand_sgmv_kernel": "expand_sgmv", "_lora_expand_bgmv_kernel": "expand_bgmv",
+    "_lora_fused_kernel": "fused",
+}
+
+
+class _LaunchSpy:
+    """Stands in for a ``@triton.jit`` kernel in the launcher module: records each ``kernel[grid](...)`` launch."""
+
+    def __init__(self, kernel, name, log):
+        self.kernel, self.name, self.log = kernel, name, log
+
+    def __getitem__(self, grid):
+        self.log.append(self.name)
+        return self.kernel[grid]
+
+
+@pytest.fixture
+def launches(monkeypatch):
+    """The kernels the Triton launchers really launch (names of ``KERNELS``, in launch order)."""
+    log = []
+    for attr, name in KERNELS.items():
+        monkeypatch.setattr(tl_lora, attr, _LaunchSpy(getattr(tl_lora, attr), name, log))
+    return log
+
+
+AUTO = {
+    # decode: T*K <= FUSED_MAX_PAIRS, small A, S <= 4 -> one fused launch
+    "decode": (Case(T=2, H=24, L=3, S=2, R=16, sizes=(16, 8), ranks=(16, 8, 1)), ["fused"]),
+    "decode_k2": (Case(T=4, H=24, L=3, S=3, R=8, sizes=(8, 8, 16), K=2, ranks=(8, 1, 4)), ["fused"]),
+    # decode with 6 slices: no fused kernel (S > 4) -> BGMV shrink + two expand launches (slice groups 0-3, 4-5)
+    "decode_6_slices": (Case(T=2, H=24, L=3, S=6, R=8, sizes=(16, 8, 8, 24, 12, 4), ranks=(8, 4, 1)),
+                        ["shrink_bgmv", "expand_bgmv", "expand_bgmv"]),
+    # decode with one slot's A over FUSED_MAX_A_BYTES (16 * 2 * 2049 * 4 B) -> BGMV
+    "decode_big_a": (Case(T=2, H=2049, L=2, S=2, R=16, sizes=(8, 8), ranks=(16, 4)), ["shrink_bgmv", "expand_bgmv"]),
+    # FUSED_MAX_PAIRS < T*K <= BGMV_MAX_PAIRS -> BGMV
+    "small_batch": (Case(T=20, H=24, L=3, S=2, R=16, sizes=(16, 8), ranks=(16, 8, 1)), ["shrink_bgmv", "expand_bgmv"]),
+    # prefill: T*K > BGMV_MAX_PAIRS -> SGMV (one expand launch per k column and slice group)
+    "prefill": (Case(T=70, H=24, L=3, S=2, R=16, sizes=(16, 8), ranks=(16, 8, 1)), ["shrink_sgmv", "expand_sgmv"]),
+    "prefill_6_slices": (Case(T=70, H=24, L=3, S=6, R=8, sizes=(16, 8, 8, 24, 12, 4), ranks=(8, 4, 1)),
+                         ["shrink_sgmv", "expand_sgmv", "expand_sgmv"]),
+}
+
+
 @interpreter
-@pytest.mark.parametrize("T", [2, 70])
-def test_auto_path(T):
-    """auto = fused for decode-sized T*K, SGMV for prefill-sized (results identical to the reference either way)."""
-    case = Case(T=T, H=24, L=3, S=2, R=16, sizes=(16, 8), ranks=(16, 8, 1))
-    expected = "fused" if T == 2 else "sgmv"
-    assert choose_path("auto", T, "apply", sr=32, num_slices=2, a_bytes=16 * 2 * 24 * 4) == expected
-    d = _build(case, torch.float32, _gen("auto", T))
-    m = d["meta"]
+@pytest.mark.parametrize("name", list(AUTO))
+def test_auto_path(name, launches):
+    """What ``backend="triton"`` really launches for real inputs (decode / prefill sized, few / many slices,
+    small / large A): the kernels seen by a spy on the launcher module, and results equal to the reference."""
+    case, expected = AUTO[name]
+    d = _build(case, torch.float32, _gen("auto", name))
     y_full0 = d["y_full"].clone()
     ref = lora_apply_ref(d["y"].double(), d["x"].double(), d["lora_a"].double(), d["lora_b"].double(), d["slots"],
                          d["weights"].double(), d["ranks"], d["scales"].double(), case.sizes)
-    lora_apply_triton(d["y"], d["x"], d["lora_a"], d["lora_b"], d["ranks"], d["scales"], m.token_slots,
-                      m.token_weights, m.sorted_pairs, m.seg_slot, m.seg_start, m.seg_len, case.sizes, chunk=m.chunk)
+    ops.lora_apply(d["y"], d["x"], d["lora_a"], d["lora_b"], d["ranks"], d["scales"], d["meta"], list(case.sizes),
+                   backend="triton")
+    assert launches == expected, f"{name}: launched {launches}, expected {expected}"
     _check_y(d, y_full0, ref, torch.float32, case)
+
+
+@interpreter
+def test_fused_refuses_more_than_four_slices(launches):
+    """An explicit fused call with 5 slices is refused with a clear message before anything is launched (auto
+    never picks it then: see ``test_auto_path[decode_6_slices]``)."""
+    case = Case(T=2, H=16, L=2, S=5, R=4, sizes=(8, 4, 4, 8, 4), ranks=(4, 2))
+    d = _build(case, torch.float32, _gen("fused5"))
+    m = d["meta"]
+    y_full0 = d["y_full"].clone()
+    with pytest.raises(ValueError, match="at most 4 slices, got 5"):
+        lora_apply_triton(d["y"], d["x"], d["lora_a"], d["lora_b"], d["ranks"], d["scales"], m.token_slots,
+                          m.token_weights, m.sorted_pairs, m.seg_slot, m.seg_start, m.seg_len, case.sizes,
+                          chunk=m.chunk, path="fused")
+    assert launches == []
+    assert_bitwise_equal(d["y_full"], y_full0)
+    assert choose_path("auto", 2, "apply", sr=32, num_slices=5, a_bytes=4 * 5 * 16 * 4) == "bgmv"
 
 
 @interpreter
