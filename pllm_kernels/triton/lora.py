@@ -17,10 +17,10 @@ Kernels (all accumulate in fp32; stacked weights + index arithmetic, no pointer 
   K split), slot looked up per token, no sorting. CUDA-core FMA + reduction: M = 1 cannot use tensor cores.
 * ``_lora_expand_sgmv_kernel``  segmented expand (SGMV): one program per (chunk, N tile) of one k column,
   launched once per k column: the chunks of one column never touch a token twice, so the read-modify-write of
-  ``y`` is race-free without atomics. The rank loop stops at the slot's rank. v is cast to the weight dtype
-  before ``tl.dot`` like vLLM (fp16/bf16 tensor-core mma at full rate; the bf16/fp16 rounding of v is of the
-  same order as the weights' own rounding and is accumulated in fp32); fp32 weights keep fp32 v with
-  ``input_precision="ieee"``.
+  ``y`` is race-free without atomics. The rank loop stops at the slot's rank. The fp32 v is split into
+  ``hi + lo`` in the weights' dtype and both go through ``tl.dot`` (two fp16/bf16 tensor-core MMAs, fp32
+  accumulation), so v keeps ~fp32 precision and a token's delta matches the BGMV / fused paths (which keep v in
+  fp32) whatever path its batch takes; fp32 weights keep fp32 v with ``input_precision="ieee"``.
 * ``_lora_expand_bgmv_kernel``  gather expand for decode: one program per (token, N tile), the token's K slots
   summed in registers (one deterministic read-modify-write of y), v kept in fp32.
 * ``_lora_fused_kernel``  shrink + expand in one kernel for small token counts (vLLM PR #38432 idea): one
@@ -232,7 +232,13 @@ def _lora_expand_sgmv_kernel(
         r_ok = offs_r < rank
         vt = tl.load(v_rows[:, None] + offs_r[None, :] * sv2, mask=m_ok[:, None] & r_ok[None, :], other=0.0)
         bt = tl.load(b_cols[None, :] + offs_r[:, None] * sb2, mask=r_ok[:, None] & n_ok[None, :], other=0.0)
-        acc = tl.dot(vt.to(bt.dtype), bt, acc, input_precision="ieee")
+        if bt.dtype == tl.float32:
+            acc = tl.dot(vt, bt, acc, input_precision="ieee")
+        else:  # v stays fp32-accurate on tensor cores: v = hi + lo, both in the weights' dtype (2 MMAs, not 1)
+            hi = vt.to(bt.dtype)
+            lo = (vt - hi.to(tl.float32)).to(bt.dtype)
+            acc = tl.dot(hi, bt, acc)
+            acc = tl.dot(lo, bt, acc)
     y_ptrs = y_ptr + t.to(tl.int64)[:, None] * syt + cols[None, :] * syn
     mask = m_ok[:, None] & n_ok[None, :]
     yv = tl.load(y_ptrs, mask=mask, other=0.0)
