@@ -27,3 +27,77 @@ int pllm_device_capability(int index);
 // ---- probe.cu: smoke-test kernel -----------------------------------------------------------------------------
 // out[i] = value for i in [0, n) on `stream` (asynchronous). `ptr` is a float32 device pointer.
 void pllm_fill_f32(uintptr_t ptr, int64_t n, float value, uintptr_t stream);
+
+// ---- lora.cu: batched multi-LoRA (shrink / expand / apply; BGMV, SGMV, fused) -----------------------------------
+#include <utility>
+
+// Semantics: pllm_kernels/reference/lora.py; kernel design: csrc/include/pllm/lora.cuh. All sizes are element counts,
+// strides are element strides (the innermost stride of x, lora_a, lora_b, y must be 1). out / v (S, K*T, R) float32,
+// token_slots / sorted_pairs / seg_* / slot_ranks int32 and token_weights / slot_scales float32 are contiguous.
+// path: 0 auto, 1 sgmv, 2 bgmv, 3 fused (apply only). Asynchronous on `stream`; std::runtime_error on bad arguments
+// or when no CUDA device is present. Every path gives bitwise identical results (see lora_tiling.h).
+//   x (T, h_in); lora_a (L, S, R, h_in); lora_b (L, sum(slice_sizes), R); y (T, sum(slice_sizes));
+//   token_slots / token_weights (T, K); sorted_pairs (K*T,); seg_slot / seg_start / seg_len (K, G).
+void pllm_lora_shrink(uintptr_t x, uintptr_t lora_a, uintptr_t slot_ranks, uintptr_t token_slots,
+                      uintptr_t sorted_pairs, uintptr_t seg_slot, uintptr_t seg_start, uintptr_t seg_len, uintptr_t out,
+                      int64_t num_tokens, int64_t h_in, int64_t num_slots, int64_t num_slices, int64_t max_rank,
+                      int64_t k, int64_t num_chunks, int64_t chunk, int64_t x_stride0, int64_t a_stride0,
+                      int64_t a_stride1, int64_t a_stride2, int dtype, int path, uintptr_t stream);
+void pllm_lora_expand(uintptr_t y, uintptr_t v, uintptr_t lora_b, uintptr_t slot_ranks, uintptr_t slot_scales,
+                      uintptr_t token_slots, uintptr_t token_weights, uintptr_t sorted_pairs, uintptr_t seg_slot,
+                      uintptr_t seg_start, uintptr_t seg_len, int64_t num_tokens, int64_t num_slots, int64_t max_rank,
+                      int64_t k, int64_t num_chunks, int64_t chunk, const std::vector<int64_t>& slice_sizes,
+                      int64_t y_stride0, int64_t b_stride0, int64_t b_stride1, int dtype, int path, uintptr_t stream);
+// v_scratch: (S, K*T, R) float32 for the sgmv / bgmv paths (shrink then expand); may be 0 when the path is fused.
+void pllm_lora_apply(uintptr_t y, uintptr_t x, uintptr_t lora_a, uintptr_t lora_b, uintptr_t slot_ranks,
+                     uintptr_t slot_scales, uintptr_t token_slots, uintptr_t token_weights, uintptr_t sorted_pairs,
+                     uintptr_t seg_slot, uintptr_t seg_start, uintptr_t seg_len, uintptr_t v_scratch,
+                     int64_t num_tokens, int64_t h_in, int64_t num_slots, int64_t num_slices, int64_t max_rank,
+                     int64_t k, int64_t num_chunks, int64_t chunk, const std::vector<int64_t>& slice_sizes,
+                     int64_t x_stride0, int64_t a_stride0, int64_t a_stride1, int64_t a_stride2, int64_t y_stride0,
+                     int64_t b_stride0, int64_t b_stride1, int dtype, int path, uintptr_t stream);
+// The path a call resolves to (1 sgmv, 2 bgmv, 3 fused); op: 0 shrink, 1 expand, 2 apply. Throws for bad requests.
+int pllm_lora_choose_path(int path, int op, int64_t num_tokens, int64_t k, int64_t num_slices, int64_t max_rank,
+                          int64_t h_in, int dtype);
+// Names of the compiled kernel variants (dtype x load width x tile / rank specialisation).
+std::vector<std::string> pllm_lora_kernels();
+// Tiling constants and thresholds (name -> value), for tests and the Python side.
+std::vector<std::pair<std::string, int64_t>> pllm_lora_constants();
+// Host-side evaluation of the __host__ __device__ index helpers (lora_tiling.h), for CPU tests:
+// canonical shrink owner of element h: (split, step, lane, elem).
+std::vector<int64_t> pllm_lora_lane_pos(int64_t h, int elem_bytes);
+// slice groups of `block_n`-column tiles: per group (base, count, off[8], size[8], tile_start[9]).
+std::vector<std::vector<int64_t>> pllm_lora_slice_groups(const std::vector<int64_t>& slice_sizes, int block_n);
+// flat tile j of group `group` -> (slice in group, first column, width, tile in slice).
+std::vector<int64_t> pllm_lora_tile_slice(const std::vector<int64_t>& slice_sizes, int block_n, int group, int j);
+// warp reduce-scatter: (keep_upper at stage, value index, writer lane of that value).
+std::vector<int64_t> pllm_lora_reduce_scatter_map(int lane, int log2n, int stage);
+// shared memory bytes of (bgmv shrink, bgmv expand, fused) for the sizes.
+std::vector<int64_t> pllm_lora_smem_bytes(int64_t h_in, int64_t k, int64_t num_slices, int64_t max_rank, int elem_bytes,
+                                          int nt);
+
+// ---- lora_emu.cpp: the same kernels on the CPU emulator (tests only) -------------------------------------------
+// Emulator modes: cp.async copies land at issue (true) or at their wait (false, default); threads of a block run in
+// reverse index order (true) or in order (false, default). Tests run both to expose read-before-wait and
+// refill-while-read hazards.
+void pllm_emu_config(bool cp_async_eager, bool reverse_thread_order);
+// Identical arguments with host pointers (CPU tensors); `num_sms` replaces the stream (it only steers variant and
+// split choices, never results). Slow: tiny shapes only.
+void pllm_lora_shrink_emu(uintptr_t x, uintptr_t lora_a, uintptr_t slot_ranks, uintptr_t token_slots,
+                          uintptr_t sorted_pairs, uintptr_t seg_slot, uintptr_t seg_start, uintptr_t seg_len,
+                          uintptr_t out, int64_t num_tokens, int64_t h_in, int64_t num_slots, int64_t num_slices,
+                          int64_t max_rank, int64_t k, int64_t num_chunks, int64_t chunk, int64_t x_stride0,
+                          int64_t a_stride0, int64_t a_stride1, int64_t a_stride2, int dtype, int path, int num_sms);
+void pllm_lora_expand_emu(uintptr_t y, uintptr_t v, uintptr_t lora_b, uintptr_t slot_ranks, uintptr_t slot_scales,
+                          uintptr_t token_slots, uintptr_t token_weights, uintptr_t sorted_pairs, uintptr_t seg_slot,
+                          uintptr_t seg_start, uintptr_t seg_len, int64_t num_tokens, int64_t num_slots,
+                          int64_t max_rank, int64_t k, int64_t num_chunks, int64_t chunk,
+                          const std::vector<int64_t>& slice_sizes, int64_t y_stride0, int64_t b_stride0,
+                          int64_t b_stride1, int dtype, int path, int num_sms);
+void pllm_lora_apply_emu(uintptr_t y, uintptr_t x, uintptr_t lora_a, uintptr_t lora_b, uintptr_t slot_ranks,
+                         uintptr_t slot_scales, uintptr_t token_slots, uintptr_t token_weights, uintptr_t sorted_pairs,
+                         uintptr_t seg_slot, uintptr_t seg_start, uintptr_t seg_len, uintptr_t v_scratch,
+                         int64_t num_tokens, int64_t h_in, int64_t num_slots, int64_t num_slices, int64_t max_rank,
+                         int64_t k, int64_t num_chunks, int64_t chunk, const std::vector<int64_t>& slice_sizes,
+                         int64_t x_stride0, int64_t a_stride0, int64_t a_stride1, int64_t a_stride2,
+                         int64_t y_stride0, int64_t b_stride0, int64_t b_stride1, int dtype, int path, int num_sms);

@@ -29,4 +29,56 @@ PYBIND11_MODULE(_C, m) {
         "Compute capability of device `index` as major*10+minor.");
   m.def("fill_f32", &pllm_fill_f32, py::arg("ptr"), py::arg("n"), py::arg("value"), py::arg("stream") = 0,
         "out[i] = value for i < n; ptr: float32 device pointer, stream: cudaStream_t as int (async).");
+
+  // ---- batched multi-LoRA (csrc/lora.cu; semantics pllm_kernels/reference/lora.py) ------------------------------
+  m.attr("LORA_PATHS") = py::dict(py::arg("auto") = 0, py::arg("sgmv") = 1, py::arg("bgmv") = 2, py::arg("fused") = 3);
+  m.attr("LORA_OPS") = py::dict(py::arg("shrink") = 0, py::arg("expand") = 1, py::arg("apply") = 2);
+  const char* shrink_doc =
+      "lora_shrink(x, lora_a, slot_ranks, token_slots, sorted_pairs, seg_slot, seg_start, seg_len, out, num_tokens, "
+      "h_in, num_slots, num_slices, max_rank, k, num_chunks, chunk, x_stride0, a_stride0, a_stride1, a_stride2, "
+      "dtype, path, stream): out[s, k*T+t, :r] = x[t] @ lora_a[slot, s, :r].T (fp32, fully overwritten). Pointers "
+      "as ints, element strides, dtype code, path code (LORA_PATHS), cudaStream_t as int. Asynchronous.";
+  const char* expand_doc =
+      "lora_expand(y, v, lora_b, slot_ranks, slot_scales, token_slots, token_weights, sorted_pairs, seg_slot, "
+      "seg_start, seg_len, num_tokens, num_slots, max_rank, k, num_chunks, chunk, slice_sizes, y_stride0, b_stride0, "
+      "b_stride1, dtype, path, stream): y[t, slice cols] += sum_k w * scale * v[s, k*T+t, :r] @ B[slot, cols, :r].T.";
+  const char* apply_doc =
+      "lora_apply(y, x, lora_a, lora_b, slot_ranks, slot_scales, token_slots, token_weights, sorted_pairs, seg_slot, "
+      "seg_start, seg_len, v_scratch, num_tokens, h_in, num_slots, num_slices, max_rank, k, num_chunks, chunk, "
+      "slice_sizes, x_stride0, a_stride0, a_stride1, a_stride2, y_stride0, b_stride0, b_stride1, dtype, path, "
+      "stream): fused shrink + expand (v_scratch (S, K*T, R) fp32 needed unless the path resolves to fused).";
+  m.def("lora_shrink", &pllm_lora_shrink, shrink_doc);
+  m.def("lora_expand", &pllm_lora_expand, expand_doc);
+  m.def("lora_apply", &pllm_lora_apply, apply_doc);
+  m.def("lora_shrink_emu", &pllm_lora_shrink_emu,
+        "lora_shrink on the CPU emulator (host pointers; last argument num_sms instead of the stream). Tests only.");
+  m.def("lora_expand_emu", &pllm_lora_expand_emu,
+        "lora_expand on the CPU emulator (host pointers; last argument num_sms instead of the stream). Tests only.");
+  m.def("lora_apply_emu", &pllm_lora_apply_emu,
+        "lora_apply on the CPU emulator (host pointers; last argument num_sms instead of the stream). Tests only.");
+  m.def("emu_config", &pllm_emu_config, py::arg("cp_async_eager"), py::arg("reverse_thread_order"),
+        "CPU emulator modes: cp.async copies land at issue (else at their wait); threads run in reverse order.");
+  m.def("lora_choose_path", &pllm_lora_choose_path, py::arg("path"), py::arg("op"), py::arg("num_tokens"),
+        py::arg("k"), py::arg("num_slices"), py::arg("max_rank"), py::arg("h_in"), py::arg("dtype"),
+        "The path code (1 sgmv, 2 bgmv, 3 fused) a lora call with these sizes runs; op 0 shrink, 1 expand, 2 apply.");
+  m.def("lora_kernels", &pllm_lora_kernels, "Names of the compiled multi-LoRA kernel variants.");
+  m.def(
+      "lora_constants",
+      []() {
+        py::dict d;
+        for (const auto& kv : pllm_lora_constants()) d[py::str(kv.first)] = kv.second;
+        return d;
+      },
+      "Tile sizes and path thresholds of the multi-LoRA kernels (csrc/include/pllm/lora_tiling.h).");
+  m.def("lora_lane_pos", &pllm_lora_lane_pos, py::arg("h"), py::arg("elem_bytes"),
+        "Canonical shrink owner of input element h: [split, step, lane, elem].");
+  m.def("lora_slice_groups", &pllm_lora_slice_groups, py::arg("slice_sizes"), py::arg("block_n"),
+        "Slice launch groups: [base, count, off[8], size[8], tile_start[9]] per group.");
+  m.def("lora_tile_slice", &pllm_lora_tile_slice, py::arg("slice_sizes"), py::arg("block_n"), py::arg("group"),
+        py::arg("j"), "Flat tile j of a slice group -> [slice in group, first column, width, tile in slice].");
+  m.def("lora_reduce_scatter_map", &pllm_lora_reduce_scatter_map, py::arg("lane"), py::arg("log2n"), py::arg("stage"),
+        "Warp reduce-scatter: [keeps upper half at stage, value index held, writer lane of that value].");
+  m.def("lora_smem_bytes", &pllm_lora_smem_bytes, py::arg("h_in"), py::arg("k"), py::arg("num_slices"),
+        py::arg("max_rank"), py::arg("elem_bytes"), py::arg("nt"),
+        "Dynamic shared memory bytes of [bgmv shrink, bgmv expand, fused] for these sizes.");
 }

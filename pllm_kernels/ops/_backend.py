@@ -111,7 +111,8 @@ class OpTable:
                 raise RuntimeError(f"backend='cuda': the CUDA extension has no kernel for {self.op} yet "
                                    f"(backends with one: {[n for n, ok in self.available().items() if ok]})")
             if device.type != "cuda":
-                raise RuntimeError(f"backend='cuda' but the {self.op} inputs are on {device}")
+                raise RuntimeError(f"backend='cuda' but the {self.op} inputs are on {device} (the CUDA kernels need "
+                                   "CUDA tensors; backend='auto' falls back to Triton / torch)")
             if not _ext.cuda_ext_usable():
                 raise RuntimeError(f"backend='cuda' but the CUDA extension is unusable: "
                                    f"{_ext.capabilities().get('reason')}")

@@ -36,13 +36,26 @@ def _no_float64(device, dtype):
     return "float64 runs in torch" if dtype == torch.float64 else None
 
 
-# The backend tables: no CUDA kernel for the lora ops yet (the extension holds only a capability probe).
+def _cuda():
+    from pllm_kernels.cuda import lora as cu_lora
+
+    return cu_lora
+
+
+def _cuda_supports(device, dtype):
+    return _cuda().supports(device, dtype)
+
+
+# The backend tables: torch, Triton and the CUDA extension's kernels (same launcher signatures as Triton's).
 _SHRINK = OpTable("lora_shrink", torch=Impl(torch_lora.lora_shrink_torch),
-                  triton=Impl(lambda *a, **k: _triton().lora_shrink_triton(*a, **k), _no_float64))
+                  triton=Impl(lambda *a, **k: _triton().lora_shrink_triton(*a, **k), _no_float64),
+                  cuda=Impl(lambda *a, **k: _cuda().lora_shrink_cuda(*a, **k), _cuda_supports))
 _EXPAND = OpTable("lora_expand", torch=Impl(torch_lora.lora_expand_torch),
-                  triton=Impl(lambda *a, **k: _triton().lora_expand_triton(*a, **k), _no_float64))
+                  triton=Impl(lambda *a, **k: _triton().lora_expand_triton(*a, **k), _no_float64),
+                  cuda=Impl(lambda *a, **k: _cuda().lora_expand_cuda(*a, **k), _cuda_supports))
 _APPLY = OpTable("lora_apply", torch=Impl(torch_lora.lora_apply_torch),
-                 triton=Impl(lambda *a, **k: _triton().lora_apply_triton(*a, **k), _no_float64))
+                 triton=Impl(lambda *a, **k: _triton().lora_apply_triton(*a, **k), _no_float64),
+                 cuda=Impl(lambda *a, **k: _cuda().lora_apply_cuda(*a, **k), _cuda_supports))
 
 
 def _lora_shrink_impl(

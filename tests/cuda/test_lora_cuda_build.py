@@ -19,6 +19,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -152,8 +153,8 @@ def test_resource_report_covers_every_lora_kernel_and_arch():
             assert hits, f"{fam}<{dt}> not in the resource report"
     for name, archs in lora.items():
         assert {"sm_80", "sm_90"} <= archs, f"{name}: compiled for {sorted(archs)}"
-    # 16 kernels per dtype (see _C.lora_kernels()): shrink bgmv 4, sgmv 2, expand bgmv 4, sgmv 2, fused 2
-    assert len(lora) == 3 * 14, sorted(lora)
+    # 14 kernels per dtype: shrink bgmv 4, sgmv 2, expand bgmv 4, sgmv 2, fused 2 (as _C.lora_kernels() lists them)
+    assert len(lora) == 3 * 14 == len(_ext.ext().lora_kernels()), sorted(lora)
 
 
 # ------------------------------------------------------------------------------------------------ host-side helpers
@@ -190,7 +191,8 @@ def _brute_tiles(sizes, block_n):
     return groups
 
 
-SLICE_LAYOUTS = [(48,), (4096, 1024, 1024), (111, 64), (16, 8, 8, 24, 12, 4), (7,) * 10, (1, 300, 2, 129, 5, 64, 9, 3, 1)]
+SLICE_LAYOUTS = [(48,), (4096, 1024, 1024), (111, 64), (16, 8, 8, 24, 12, 4), (7,) * 10,
+                 (1, 300, 2, 129, 5, 64, 9, 3, 1)]
 
 
 @needs_ext
@@ -274,10 +276,9 @@ def test_reduce_scatter_is_the_butterfly(log2n):
 
 @needs_ext
 def test_choose_path_matches_triton_rule():
+    from pllm_kernels.cuda.lora import choose_path
     from pllm_kernels.triton.lora import choose_path as triton_choose
     from pllm_kernels.triton.lora import fused_blocks
-
-    from pllm_kernels.cuda.lora import choose_path
 
     C = _ext.ext()
     for op in ("shrink", "expand", "apply"):
@@ -338,11 +339,26 @@ CASES = {
     # misaligned rows: the scalar-load variants of every kernel
     "misaligned": Case(T=11, H=64, L=3, S=2, R=16, sizes=(24, 8), K=2, ranks=(16, 5, 9), x_layout="offset",
                        w_layout="offset", y_layout="colslice"),
+    # few slots, chunk 64: segments of up to 64 rows (4 row blocks of 16 per chunk), K = 2
+    "long_segments": Case(T=90, H=48, L=2, S=2, R=16, sizes=(24, 40), K=2, ranks=(16, 7), p_none=0.1, chunk=64),
+    # rank up to 128: four rank chunks in the SGMV expand pipeline (stage reuse), 128 combined shrink outputs
+    "big_rank": Case(T=20, H=32, L=3, S=1, R=128, sizes=(20,), ranks=(128, 100, 33), p_none=0.1, chunk=16),
     # decode sizes for the fused kernel
     "decode": Case(T=4, H=40, L=3, S=3, R=16, sizes=(32, 16, 16), K=2, ranks=(16, 1, 8), x_layout="stride2",
                    y_layout="colslice"),
 }
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+@pytest.fixture(params=["deferred", "eager_reverse"])
+def emu_mode(request):
+    """Emulator modes: cp.async copies land at their wait, threads in order (catches reads before the wait); or copies
+    land at issue, threads in reverse order (catches a stage refilled while others read it, other interleavings)."""
+    C = _ext.ext()
+    eager = request.param == "eager_reverse"
+    C.emu_config(eager, eager)
+    yield request.param
+    C.emu_config(False, False)
 
 
 def _gen(*key) -> torch.Generator:
@@ -461,7 +477,7 @@ def _paths(case: Case, op: str):
 @needs_ext
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("name", list(CASES))
-def test_emulated_shrink(name, dtype):
+def test_emulated_shrink(name, dtype, emu_mode):
     case = CASES[name]
     d = _build(case, dtype, _gen("shrink", name, dtype))
     ref = lora_shrink_ref(d["x"].double(), d["lora_a"].double(), d["slots"], d["ranks"])
@@ -476,7 +492,7 @@ def test_emulated_shrink(name, dtype):
 @needs_ext
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("name", list(CASES))
-def test_emulated_expand(name, dtype):
+def test_emulated_expand(name, dtype, emu_mode):
     case = CASES[name]
     results = {}
     for path in _paths(case, "expand"):
@@ -495,7 +511,7 @@ def test_emulated_expand(name, dtype):
 @needs_ext
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("name", list(CASES))
-def test_emulated_apply(name, dtype):
+def test_emulated_apply(name, dtype, emu_mode):
     case = CASES[name]
     results = {}
     for path in _paths(case, "apply") + ["auto"]:
@@ -543,7 +559,7 @@ def test_emulated_out_of_range_slots_and_ranks(path):
 @needs_ext
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("K", [1, 2])
-def test_emulated_batch_invariance(dtype, K):
+def test_emulated_batch_invariance(dtype, K, emu_mode):
     """A token's delta is the same bits whether it is alone (fused), in a batch of 64 (bgmv) or of 70 (sgmv)."""
     case = Case(T=70, H=72, L=5, S=2, R=16, sizes=(40, 24), K=K, ranks=(16, 8, 1, 3, 16), p_none=0.2)
     d = _build(case, dtype, _gen("batch", dtype, K))
@@ -601,6 +617,19 @@ def test_emulated_shrink_splits_are_batch_independent():
     one["meta"] = build_lora_meta(one["slots"], 2)
     out_one = _shrink(one, torch.empty(1, 1, 8), "bgmv")
     assert_bitwise_equal(out_one[0, 0], out_big[0, 42])
+
+
+@needs_ext
+def test_gpu_test_module_passes_on_the_emulator():
+    """tests/cuda/test_lora_cuda_gpu.py runs for real only on a GPU; here its small cases run on the CPU emulator
+    (PLLM_LORA_GPU_TESTS_ON_EMULATOR=1), so the GPU tests' own logic is checked on every CI run."""
+    env = {**os.environ, "PLLM_LORA_GPU_TESTS_ON_EMULATOR": "1"}
+    env.pop("PLLM_SANITIZER", None)
+    path = Path(__file__).with_name("test_lora_cuda_gpu.py")
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(path)],
+                          capture_output=True, text=True, env=env, cwd=str(Path(__file__).parents[2]), timeout=900)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+    assert " passed" in proc.stdout
 
 
 # ------------------------------------------------------------------------------------------------ errors, supports
@@ -667,9 +696,8 @@ def test_supports_reasons():
 def test_backend_table_auto_falls_back_without_device():
     """How ops/ uses ``supports``: with a CUDA entry in a table, ``auto`` on CPU tensors (or without a usable device)
     picks torch, and ``backend='cuda'`` raises a clear RuntimeError."""
-    from pllm_kernels.ops._backend import TABLES, Impl, OpTable
-
     from pllm_kernels.cuda.lora import lora_apply_cuda, supports
+    from pllm_kernels.ops._backend import TABLES, Impl, OpTable
 
     name = "_test_lora_apply_cuda_probe"
     table = OpTable(name, torch=Impl(lambda *a, **k: None), cuda=Impl(lora_apply_cuda, supports))

@@ -1,0 +1,12 @@
+// Instantiates the multi-LoRA kernels and typed launchers for float (one dtype per file: parallel nvcc jobs).
+#define PLLM_LORA_DEFINE_LAUNCHERS 1
+#define PLLM_LORA_TYPED_ONLY 1
+#include "pllm/lora_launch.cuh"
+
+namespace pllm {
+namespace dev {
+template void shrink_typed<float>(const ShrinkParams&, int, const LaunchEnv&);
+template void expand_typed<float>(const ExpandParams&, const std::vector<lora::SliceGroup>&, int, const LaunchEnv&);
+template void fused_typed<float>(const FusedParams&, const LaunchEnv&);
+}  // namespace dev
+}  // namespace pllm

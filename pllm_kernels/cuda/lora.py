@@ -1,0 +1,288 @@
+"""CUDA launchers of the batched multi-LoRA ops (kernels: ``csrc/include/pllm/lora.cuh``).
+
+Same arguments and semantics as the Triton launchers in :mod:`pllm_kernels.triton.lora` (the spec is
+:mod:`pllm_kernels.reference.lora`): ``x (T, h_in)``, ``lora_a (L, S, R, h_in)``, ``lora_b (L, N_total, R)``,
+``v (S, K*T, R)`` float32 with pair row ``p = k*T + t``, ``y (T, N_total)``; slot ``-1`` (or ``>= L``) = no adapter.
+
+Kernels (Punica SGMV/BGMV, vLLM/S-LoRA routing, all fp32 accumulation, no float atomics):
+
+* BGMV (gather, decode): one block per (token-slot pair, group of outputs) for shrink, per (token, 128 columns) for
+  expand; K slots of a token summed in registers; y read-modify-written once.
+* SGMV (segmented, prefill): one block per (chunk of one slot, tile), token rows gathered through ``sorted_pairs``;
+  x / A and v / B tiles staged in shared memory by a cp.async double buffer.
+* fused (decode, ``lora_apply`` only): shrink and expand in one kernel, v kept in shared memory.
+
+Every path evaluates the same fixed-order fp32 arithmetic (``csrc/include/pllm/lora_tiling.h``): results are bitwise
+identical across paths and batch sizes (a token's delta is the same alone, in a batch of 64 or of 300). Rows with no
+routed slot are never written. fp16 / bf16 / fp32; 16-byte vector loads where pointers and strides allow (else scalar).
+The price of that guarantee: no tensor cores (CUDA-core FMAs everywhere), so large prefill shrinks are slower than
+the Triton SGMV kernel's ``tl.dot``; decode sizes are bandwidth-bound and unaffected.
+
+This module only converts arguments: tensors become data pointers and element strides (copies are made only for
+layouts the kernels do not take: non-unit innermost strides, non-int32 routing), the current CUDA stream is passed, so
+launches are stream-ordered and CUDA-graph capturable. ``_emulate=True`` (tests) runs the very same kernels on CPU
+tensors through the extension's CPU emulator.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+
+import torch
+
+from pllm_kernels import _ext
+
+__all__ = ["PATHS", "choose_path", "lora_apply_cuda", "lora_expand_cuda", "lora_shrink_cuda", "supports"]
+
+PATHS = {"auto": 0, "sgmv": 1, "bgmv": 2, "fused": 3}
+_PATH_NAMES = {v: k for k, v in PATHS.items()}
+_OPS = {"shrink": 0, "expand": 1, "apply": 2}
+_DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+EMU_NUM_SMS = 132  # SM count the emulator plans for (launch choices only, never results)
+
+
+# ------------------------------------------------------------------------------------------------ capability
+@functools.lru_cache(maxsize=64)
+def _capability(index: int) -> int:
+    major, minor = torch.cuda.get_device_capability(index)
+    return major * 10 + minor
+
+
+@functools.lru_cache(maxsize=64)
+def _arch_ok(cap: int) -> bool:
+    return _ext.arch_supported(cap)
+
+
+def supports(device, dtype) -> str | None:
+    """``None`` when the CUDA kernels can run on tensors of ``device`` / ``dtype``, else the reason why not.
+
+    Needs: a CUDA device, the extension built with code for its architecture, and float32 / float16 / bfloat16
+    (float64 is the reference's precision and runs in torch)."""
+    device = torch.device(device)
+    if dtype not in _DTYPES:
+        return f"dtype {dtype} is not supported by the CUDA kernels (float32, float16, bfloat16)"
+    if device.type != "cuda":
+        return f"the CUDA kernels need CUDA tensors, got device {device}"
+    if not _ext.cuda_ext_usable():
+        return str(_ext.capabilities().get("reason") or "the CUDA extension is not usable")
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    cap = _capability(index)
+    if not _arch_ok(cap):
+        return f"the CUDA extension has no code for sm_{cap} (built for {_ext.ext().compiled_archs()})"
+    return None
+
+
+def choose_path(path: str, op: str, num_tokens: int, k: int, num_slices: int, max_rank: int, h_in: int,
+                dtype: torch.dtype) -> str:
+    """The path (``sgmv`` / ``bgmv`` / ``fused``) a call resolves to, from the extension's own rule
+    (``lora::choose_path``: the thresholds of :func:`pllm_kernels.triton.lora.choose_path`)."""
+    code = _C().lora_choose_path(_path_code(path), _OPS[op], int(num_tokens), int(k), int(num_slices), int(max_rank),
+                                 int(h_in), _dtype_code(dtype))
+    return _PATH_NAMES[code]
+
+
+# ------------------------------------------------------------------------------------------------ argument plumbing
+def _C():
+    C = _ext.ext()
+    if C is None:
+        raise RuntimeError(f"the pllm_kernels CUDA extension is not available ({_ext.ext_error}); build it with nvcc "
+                           "on PATH (`pip install -e .` or `python setup.py build_ext --inplace`), or use "
+                           "backend='triton' / 'torch'")
+    return C
+
+
+def _path_code(path: str) -> int:
+    try:
+        return PATHS[path]
+    except KeyError:
+        raise ValueError(f"path must be one of {list(PATHS)}, got {path!r}") from None
+
+
+def _dtype_code(dtype: torch.dtype) -> int:
+    try:
+        return _DTYPES[dtype]
+    except KeyError:
+        raise RuntimeError(f"the CUDA lora kernels take float32 / float16 / bfloat16, got {dtype}") from None
+
+
+def _device_of(tensors: Sequence[torch.Tensor], op: str, emulate: bool) -> torch.device:
+    device = tensors[0].device
+    for t in tensors:
+        if t.device != device:
+            raise RuntimeError(f"lora_{op}_cuda: all tensors must be on one device, got {t.device} and {device}")
+    if emulate:
+        if device.type != "cpu":
+            raise RuntimeError(f"lora_{op}_cuda(_emulate=True) runs on CPU tensors, got {device}")
+        return device
+    if device.type != "cuda":
+        raise RuntimeError(f"lora_{op}_cuda needs CUDA tensors, got tensors on {device} (use backend='torch' or "
+                           "'triton' for CPU tensors)")
+    C = _C()
+    if C.device_count() == 0:
+        raise RuntimeError(f"lora_{op}_cuda: the CUDA extension sees no CUDA device/driver")
+    return device
+
+
+def _inner_unit(t: torch.Tensor) -> torch.Tensor:
+    """``t`` if its innermost stride is 1 (or irrelevant) and no stride is negative, else a contiguous copy."""
+    if (t.shape[-1] <= 1 or t.stride(-1) == 1) and all(s >= 0 for s in t.stride()):
+        return t
+    return t.contiguous()
+
+
+def _i32(t: torch.Tensor) -> torch.Tensor:
+    return t if t.dtype == torch.int32 and t.is_contiguous() else t.to(torch.int32).contiguous()
+
+
+def _f32(t: torch.Tensor) -> torch.Tensor:
+    return t if t.dtype == torch.float32 and t.is_contiguous() else t.to(torch.float32).contiguous()
+
+
+def _slots2d(token_slots: torch.Tensor) -> torch.Tensor:
+    return _i32(token_slots[:, None] if token_slots.dim() == 1 else token_slots)
+
+
+def _check_act(name: str, t: torch.Tensor, dtype: torch.dtype, dim: int, op: str):
+    if t.dim() != dim:
+        raise RuntimeError(f"lora_{op}_cuda: {name} must have {dim} dimensions, got shape {tuple(t.shape)}")
+    if t.dtype != dtype:
+        raise RuntimeError(f"lora_{op}_cuda: {name} has dtype {t.dtype}, expected {dtype}")
+
+
+def _run(op: str, args: list, device: torch.device, emulate: bool) -> None:
+    C = _C()
+    if emulate:
+        getattr(C, f"lora_{op}_emu")(*args, EMU_NUM_SMS)
+        return
+    if device.index is not None and device.index != torch.cuda.current_device():
+        with torch.cuda.device(device):
+            getattr(C, f"lora_{op}")(*args, torch.cuda.current_stream(device).cuda_stream)
+    else:
+        getattr(C, f"lora_{op}")(*args, torch.cuda.current_stream(device).cuda_stream)
+
+
+def _rmw_target(y: torch.Tensor) -> torch.Tensor:
+    """y itself if the kernels can update it in place (unit column stride), else a contiguous working copy."""
+    if (y.shape[1] <= 1 or y.stride(1) == 1) and y.stride(0) >= 0:
+        return y
+    return y.contiguous()
+
+
+# ------------------------------------------------------------------------------------------------ launchers
+def lora_shrink_cuda(x, lora_a, slot_ranks, token_slots, sorted_pairs, seg_slot, seg_start, seg_len, out, *, chunk,
+                     path="auto", _emulate=False) -> None:
+    """``out[s, k*T+t, :r] = x[t] @ lora_a[slot, s, :r].T`` (fp32), zeros elsewhere (Punica/vLLM shrink).
+
+    x ``(T, h_in)`` any row stride; lora_a ``(L, S, R, h_in)``; slot_ranks ``(L,)``; token_slots ``(T, K)``;
+    sorted_pairs ``(K*T,)``; seg_* ``(K, G)``; out ``(S, K*T, R)`` float32 contiguous, fully overwritten.
+    ``path``: auto | sgmv | bgmv (auto: BGMV for ``T*K <= 64``)."""
+    device = _device_of([x, lora_a, slot_ranks, token_slots, sorted_pairs, seg_slot, seg_start, seg_len, out],
+                        "shrink", _emulate)
+    dtype_code = _dtype_code(x.dtype)
+    _check_act("x", x, x.dtype, 2, "shrink")
+    _check_act("lora_a", lora_a, x.dtype, 4, "shrink")
+    T, H = x.shape
+    L, S, R, H_a = lora_a.shape
+    token_slots = _slots2d(token_slots)
+    K = token_slots.shape[1]
+    if H_a != H or token_slots.shape[0] != T:
+        raise RuntimeError(f"lora_shrink_cuda: shapes disagree: x {tuple(x.shape)}, lora_a {tuple(lora_a.shape)}, "
+                           f"token_slots {tuple(token_slots.shape)}")
+    if out.dtype != torch.float32 or not out.is_contiguous() or tuple(out.shape) != (S, K * T, R):
+        raise RuntimeError(f"lora_shrink_cuda: out must be a contiguous float32 tensor of shape {(S, K * T, R)}, "
+                           f"got {out.dtype} {tuple(out.shape)}")
+    x, lora_a = _inner_unit(x), _inner_unit(lora_a)
+    ranks, pairs = _i32(slot_ranks), _i32(sorted_pairs)
+    seg_slot, seg_start, seg_len = _i32(seg_slot), _i32(seg_start), _i32(seg_len)
+    G = seg_slot.shape[1] if seg_slot.dim() == 2 else 0
+    args = [x.data_ptr(), lora_a.data_ptr(), ranks.data_ptr(), token_slots.data_ptr(), pairs.data_ptr(),
+            seg_slot.data_ptr(), seg_start.data_ptr(), seg_len.data_ptr(), out.data_ptr(),
+            T, H, L, S, R, K, G, int(chunk), x.stride(0), lora_a.stride(0), lora_a.stride(1), lora_a.stride(2),
+            dtype_code, _path_code(path)]
+    _run("shrink", args, device, _emulate)
+
+
+def lora_expand_cuda(y, v, lora_b, slot_ranks, slot_scales, token_slots, token_weights, sorted_pairs, seg_slot,
+                     seg_start, seg_len, slice_sizes, *, chunk, path="auto", _emulate=False) -> None:
+    """``y[t, off_s:off_s+n_s] += sum_k w[t,k] * scale[slot] * v[s, k*T+t, :r] @ lora_b[slot, off_s:.., :r].T``.
+
+    y ``(T, sum(slice_sizes))`` in place, any row stride; v ``(S, K*T, R)`` float32; lora_b ``(L, N_total, R)``;
+    slot_scales ``(L,)`` float32; token_weights ``(T, K)`` float32; slice_sizes: ints (may differ, GQA; any count).
+    Each token's K slots are summed in fp32 and y is updated once (no atomics)."""
+    device = _device_of([y, v, lora_b, slot_ranks, slot_scales, token_slots, token_weights, sorted_pairs, seg_slot,
+                         seg_start, seg_len], "expand", _emulate)
+    dtype_code = _dtype_code(y.dtype)
+    _check_act("y", y, y.dtype, 2, "expand")
+    _check_act("lora_b", lora_b, y.dtype, 3, "expand")
+    if v.dim() != 3:
+        raise RuntimeError(f"lora_expand_cuda: v must be (S, K*T, R), got shape {tuple(v.shape)}")
+    T, N = y.shape
+    L, N_b, R = lora_b.shape
+    S = v.shape[0]
+    token_slots = _slots2d(token_slots)
+    K = token_slots.shape[1]
+    sizes = [int(n) for n in slice_sizes]
+    if N_b != N or sum(sizes) != N or len(sizes) != S or tuple(v.shape) != (S, K * T, R) or token_slots.shape[0] != T:
+        raise RuntimeError(f"lora_expand_cuda: shapes disagree: y {tuple(y.shape)}, v {tuple(v.shape)}, lora_b "
+                           f"{tuple(lora_b.shape)}, slice_sizes {sizes}, token_slots {tuple(token_slots.shape)}")
+    v, lora_b = _f32(v), _inner_unit(lora_b)
+    weights = _f32(token_weights[:, None] if token_weights.dim() == 1 else token_weights)
+    ranks, scales, pairs = _i32(slot_ranks), _f32(slot_scales), _i32(sorted_pairs)
+    seg_slot, seg_start, seg_len = _i32(seg_slot), _i32(seg_start), _i32(seg_len)
+    G = seg_slot.shape[1] if seg_slot.dim() == 2 else 0
+    target = _rmw_target(y)
+    args = [target.data_ptr(), v.data_ptr(), lora_b.data_ptr(), ranks.data_ptr(), scales.data_ptr(),
+            token_slots.data_ptr(), weights.data_ptr(), pairs.data_ptr(), seg_slot.data_ptr(), seg_start.data_ptr(),
+            seg_len.data_ptr(), T, L, R, K, G, int(chunk), sizes, target.stride(0), lora_b.stride(0),
+            lora_b.stride(1), dtype_code, _path_code(path)]
+    _run("expand", args, device, _emulate)
+    if target is not y:
+        y.copy_(target)
+
+
+def lora_apply_cuda(y, x, lora_a, lora_b, slot_ranks, slot_scales, token_slots, token_weights, sorted_pairs,
+                    seg_slot, seg_start, seg_len, slice_sizes, *, chunk, path="auto", _emulate=False) -> None:
+    """``y += sum_k w * scale * (x @ A.T) @ B.T`` per token and slice (shrink + expand, one update of y).
+
+    ``path="fused"`` (auto for ``T*K <= 8`` with a small A): one kernel, v in shared memory. Otherwise shrink into
+    an fp32 ``(S, K*T, R)`` scratch and expand, both on the BGMV (``T*K <= 64``) or SGMV path. Same results on
+    every path, bit for bit."""
+    device = _device_of([y, x, lora_a, lora_b, slot_ranks, slot_scales, token_slots, token_weights, sorted_pairs,
+                         seg_slot, seg_start, seg_len], "apply", _emulate)
+    dtype_code = _dtype_code(x.dtype)
+    _check_act("x", x, x.dtype, 2, "apply")
+    _check_act("y", y, x.dtype, 2, "apply")
+    _check_act("lora_a", lora_a, x.dtype, 4, "apply")
+    _check_act("lora_b", lora_b, x.dtype, 3, "apply")
+    T, H = x.shape
+    L, S, R, H_a = lora_a.shape
+    token_slots = _slots2d(token_slots)
+    K = token_slots.shape[1]
+    sizes = [int(n) for n in slice_sizes]
+    N = y.shape[1]
+    if (H_a != H or y.shape[0] != T or tuple(lora_b.shape) != (L, N, R) or sum(sizes) != N or len(sizes) != S
+            or token_slots.shape[0] != T):
+        raise RuntimeError(f"lora_apply_cuda: shapes disagree: y {tuple(y.shape)}, x {tuple(x.shape)}, lora_a "
+                           f"{tuple(lora_a.shape)}, lora_b {tuple(lora_b.shape)}, slice_sizes {sizes}, "
+                           f"token_slots {tuple(token_slots.shape)}")
+    if T == 0 or R == 0:
+        return
+    x, lora_a, lora_b = _inner_unit(x), _inner_unit(lora_a), _inner_unit(lora_b)
+    weights = _f32(token_weights[:, None] if token_weights.dim() == 1 else token_weights)
+    ranks, scales, pairs = _i32(slot_ranks), _f32(slot_scales), _i32(sorted_pairs)
+    seg_slot, seg_start, seg_len = _i32(seg_slot), _i32(seg_start), _i32(seg_len)
+    G = seg_slot.shape[1] if seg_slot.dim() == 2 else 0
+    resolved = _C().lora_choose_path(_path_code(path), _OPS["apply"], T, K, S, R, H, dtype_code)
+    scratch = None
+    if resolved != PATHS["fused"]:
+        scratch = torch.empty((S, K * T, R), dtype=torch.float32, device=device)
+    target = _rmw_target(y)
+    args = [target.data_ptr(), x.data_ptr(), lora_a.data_ptr(), lora_b.data_ptr(), ranks.data_ptr(),
+            scales.data_ptr(), token_slots.data_ptr(), weights.data_ptr(), pairs.data_ptr(), seg_slot.data_ptr(),
+            seg_start.data_ptr(), seg_len.data_ptr(), 0 if scratch is None else scratch.data_ptr(),
+            T, H, L, S, R, K, G, int(chunk), sizes, x.stride(0), lora_a.stride(0), lora_a.stride(1),
+            lora_a.stride(2), target.stride(0), lora_b.stride(0), lora_b.stride(1), dtype_code, resolved]
+    _run("apply", args, device, _emulate)
+    if target is not y:
+        y.copy_(target)
