@@ -46,6 +46,18 @@ def _cuda_supports(device, dtype):
     return _cuda().supports(device, dtype)
 
 
+def _pick(table: OpTable, backend: str, device, dtype, num_pairs: int):
+    """The table's choice, except that ``auto`` keeps prefill-sized calls (``num_pairs > CUDA_AUTO_MAX_PAIRS``) on
+    Triton: the CUDA kernels use no tensor cores (the price of batch-invariant results), so Triton's SGMV is faster
+    there; ``backend="cuda"`` always runs them."""
+    name, impl = table.pick(backend, device, dtype)
+    if name == "cuda" and backend == "auto" and num_pairs > CUDA_AUTO_MAX_PAIRS and table.impls["triton"] is not None:
+        return "triton", table.impls["triton"]
+    return name, impl
+
+
+CUDA_AUTO_MAX_PAIRS = 64  # token-slot pairs: decode sizes go to the CUDA kernels under auto
+
 # The backend tables: torch, Triton and the CUDA extension's kernels (same launcher signatures as Triton's).
 _SHRINK = OpTable("lora_shrink", torch=Impl(torch_lora.lora_shrink_torch),
                   triton=Impl(lambda *a, **k: _triton().lora_shrink_triton(*a, **k), _no_float64),
@@ -71,7 +83,7 @@ def _lora_shrink_impl(
     chunk: int,
     backend: str,
 ) -> None:
-    name, impl = _SHRINK.pick(backend, x.device, x.dtype)
+    name, impl = _pick(_SHRINK, backend, x.device, x.dtype, token_slots.numel())
     if name == "torch":
         impl.fn(out, x, lora_a, slot_ranks, token_slots, sorted_pairs)
     else:
@@ -102,7 +114,8 @@ def _lora_expand_impl(
     chunk: int,
     backend: str,
 ) -> None:
-    name, impl = _EXPAND.pick(backend, y.device, torch.float64 if v.dtype == torch.float64 else y.dtype)
+    name, impl = _pick(_EXPAND, backend, y.device, torch.float64 if v.dtype == torch.float64 else y.dtype,
+                       token_slots.numel())
     if name == "torch":
         impl.fn(y, v, lora_b, slot_ranks, slot_scales, token_slots, token_weights, sorted_pairs, slice_sizes)
     else:
@@ -137,7 +150,7 @@ def _lora_apply_impl(
     backend: str,
     strategy: str,
 ) -> None:
-    name, impl = _APPLY.pick(backend, x.device, x.dtype)
+    name, impl = _pick(_APPLY, backend, x.device, x.dtype, token_slots.numel())
     if name == "torch":
         impl.fn(y, x, lora_a, lora_b, slot_ranks, slot_scales, token_slots, token_weights, sorted_pairs, slice_sizes,
                 strategy=strategy)

@@ -66,3 +66,16 @@ def test_default_backend_is_used_when_none_given(monkeypatch):
         ops.lora_apply(c.y.clone(), c.x, c.lora_a, c.lora_b, c.slot_ranks, c.slot_scales, c.meta, backend="torch")
     finally:
         _backend.set_default_backend(prev)
+
+
+def test_auto_keeps_prefill_sized_lora_calls_on_triton(monkeypatch):
+    """Where a CUDA device and the extension are present, ``auto`` sends decode-sized LoRA calls to the CUDA kernels
+    and prefill-sized ones to Triton (tensor cores); ``backend="cuda"`` always runs CUDA. Simulated on CPU."""
+    from pllm_kernels.ops import lora as ops_lora
+
+    table = ops_lora._APPLY
+    monkeypatch.setattr(table, "pick", lambda backend, device, dtype: ("cuda", table.impls["cuda"]))
+    dev = torch.device("cpu")
+    assert ops_lora._pick(table, "auto", dev, torch.float16, ops_lora.CUDA_AUTO_MAX_PAIRS)[0] == "cuda"
+    assert ops_lora._pick(table, "auto", dev, torch.float16, ops_lora.CUDA_AUTO_MAX_PAIRS + 1)[0] == "triton"
+    assert ops_lora._pick(table, "cuda", dev, torch.float16, 10_000)[0] == "cuda"
