@@ -46,7 +46,8 @@ def _fused_torch(tokens, logprobs, sources, coefs, reward, beta, reward_top_k, t
 
 _MIX = OpTable("mix_logprobs", torch=Impl(torch_dec.mix_logprobs_torch),
                triton=Impl(lambda *a: _triton().mix_logprobs_triton(*a), _no_f64))
-_REWARD = OpTable("reward_guided", torch=Impl(torch_dec.reward_guided_torch))
+_REWARD = OpTable("reward_guided", torch=Impl(torch_dec.reward_guided_torch),
+                  triton=Impl(lambda *a: _triton().reward_guided_triton(*a), _no_f64))
 _SAMPLE = OpTable("sample_tokens", torch=Impl(torch_dec.sample_torch),
                   triton=Impl(lambda *a: _triton().sample_triton(*a), _no_f64))
 _FUSED = OpTable("fused_sample", torch=Impl(_fused_torch),

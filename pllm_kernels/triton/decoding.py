@@ -57,7 +57,8 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["DECODING_CONFIGS", "aot_variants", "fused_sample_triton", "mix_logprobs_triton", "sample_triton"]
+__all__ = ["DECODING_CONFIGS", "aot_variants", "fused_sample_triton", "mix_logprobs_triton", "reward_guided_triton",
+           "sample_triton"]
 
 # Production launch configuration (read by the launchers and by aot_variants): BLOCK_V vocabulary entries per step
 # (SP x BLOCK_V source tile for the mixing kernels, SP = next power of two of the number of sources).
@@ -68,6 +69,7 @@ DECODING_CONFIGS = {
     "sample": {"BLOCK_V": 4096, "num_warps": 8, "maxnreg": 128},  # 16 scores per thread per step
     "mix": {"BLOCK_V": 2048, "num_warps": 8, "maxnreg": 128},  # S <= 2 sources
     "mix_wide": {"BLOCK_V": 1024, "num_warps": 8, "maxnreg": 128},  # S >= 3 (SP = 4)
+    "reward": {"BLOCK_V": 4096, "num_warps": 8, "maxnreg": 128},  # reward_guided_triton
 }
 AOT_SOURCES = (1, 2, 3)  # S compiled ahead of time (CFG / CoS = 2, CoSteer = 3); others compile on first use
 
@@ -566,3 +568,124 @@ def aot_variants(act_dtype: str = "bf16"):
         for reward in (False, True):
             yield build(f"fused_s{s}" + ("_reward" if reward else ""), _sample_kernel,
                         {"S": s, "SP": sp, "MIX": True, "REWARD": reward, "SHORTCUT": True}, _config("mix", s))
+    yield build("reward", _reward_kernel, {}, _config("reward"))
+
+
+# ---------------------------------------------------------------------------------------------------------- reward
+@triton.jit
+def _reward_kernel(
+    out_ptr, src_ptr, rew_ptr, beta_ptr, rk_ptr,
+    V, s_src_b, s_rew_b, s_out_b,
+    BLOCK_V: tl.constexpr,
+):
+    """Grid ``(B,)``: ``out[b] = log_softmax_C(log_softmax(x) + beta r)`` (``x = logits[b]``, ``r = reward[b]`` token
+    rewards), ``-inf`` outside the candidates ``C`` (the first ``rk[b]`` tokens of ``x`` in (logit descending, index
+    ascending) order; every token when ``rk[b]`` is 0 or ``>= V``).
+
+    ``log_softmax`` is shift-invariant, so ``log_softmax(x)`` may be replaced by ``x - M`` with ``M`` the row maximum:
+    the logits' log-sum-exp cancels and the row's values stay small (``x - M`` is as precise as ``x - lse``). Passes
+    over the row: the candidate search (count bisection on the int32 keys of ``x``, early exit; + an index bisection
+    only when the k-th logit is tied; none when ``rk`` is 0) + 2. Pass 1 keeps the running maximum ``M`` of ``x``
+    and an online log-sum-exp of ``g = (x - M) + beta r`` over ``C`` (when ``M`` grows by ``d`` every ``g`` seen so
+    far moves by ``-d``: applied to the running reference, as in :func:`_mix_kernel`); pass 2 writes ``g - lse``."""
+    b = tl.program_id(0).to(tl.int64)
+    src_row = src_ptr + b * s_src_b
+    rew_row = rew_ptr + b * s_rew_b
+    out_row = out_ptr + b * s_out_b
+    beta = tl.load(beta_ptr + b)
+    rk = tl.load(rk_ptr + b)
+    # ---- candidates: the prefix (key > ct) | (key == ct & index <= ccut) of the raw logits' order
+    sidx = tl.arange(0, 1)  # unused source-tile state (ON_SRC0 search)
+    c1 = tl.full([1], 1.0, tl.float32)
+    cnz = c1 != 0.0
+    sh0 = tl.zeros([1], tl.float32)
+    zero = tl.zeros([], tl.float32)
+    ct = tl.full([], _KEY_NEG_INF, tl.int32)
+    ccut = tl.zeros([], tl.int32) + V
+    n_all = tl.zeros([], tl.int32) + V
+    use_cand = tl.zeros([], tl.int32)
+    if (rk > 0) & (rk < V):
+        use_cand = use_cand + 1
+        ct, ccut, n_c, m_c = _search(rk, ct, ccut, n_all, zero, zero, zero, src_row, 0, rew_row, sidx, c1, cnz, sh0,
+                                     beta, 0, ct, ccut, V, False, False, False, True, BLOCK_V)
+    # ---- pass 1: running max of x, online log-sum-exp of g over the candidates
+    sh = tl.zeros([], tl.float32)  # the shift in use (running max of x; 0 while every x seen is -inf)
+    m = tl.full([], float("-inf"), tl.float32)
+    W = tl.full([], float("-inf"), tl.float32)
+    s1 = tl.zeros([], tl.float32)
+    for start in range(0, V, BLOCK_V):
+        offs = start + tl.arange(0, BLOCK_V)
+        inb = offs < V
+        x = tl.load(src_row + offs, mask=inb, other=float("-inf")).to(tl.float32)
+        r = tl.load(rew_row + offs, mask=inb, other=0.0)
+        m = tl.maximum(m, tl.max(x, axis=0))
+        sh_new = tl.where(m > float("-inf"), m, 0.0)
+        W = W - (sh_new - sh)
+        sh = sh_new
+        k = _key(x)
+        cand = inb & ((use_cand == 0) | (k > ct) | ((k == ct) & (offs <= ccut)))
+        g = tl.where(cand, (x - sh) + beta * r, float("-inf"))
+        W_new = tl.maximum(W, tl.max(g, axis=0))
+        W_ref = tl.where(W_new == float("-inf"), 0.0, W_new)
+        s1 = s1 * tl.exp(W - W_ref) + tl.sum(tl.exp(g - W_ref), axis=0)
+        W = W_new
+    lse = W + tl.log(s1)
+    # ---- pass 2: write
+    for start in range(0, V, BLOCK_V):
+        offs = start + tl.arange(0, BLOCK_V)
+        inb = offs < V
+        x = tl.load(src_row + offs, mask=inb, other=float("-inf")).to(tl.float32)
+        r = tl.load(rew_row + offs, mask=inb, other=0.0)
+        k = _key(x)
+        cand = (use_cand == 0) | (k > ct) | ((k == ct) & (offs <= ccut))
+        g = tl.where(cand, ((x - sh) + beta * r) - lse, float("-inf"))
+        tl.store(out_row + offs, g, mask=inb)
+
+
+def _launch_reward(out, logits, reward, beta, top_k, block_v=None, num_warps=None):
+    B, V = logits.shape
+    if B == 0 or V == 0:
+        return
+    cfg = _config("reward")
+    _reward_kernel[(B,)](
+        out, logits, reward, beta, top_k,
+        V, logits.stride(0), reward.stride(0), out.stride(0),
+        BLOCK_V=block_v or cfg["BLOCK_V"], num_warps=num_warps or cfg["num_warps"], maxnreg=cfg["maxnreg"],
+    )
+
+
+def reward_guided_triton(out, logits, reward, beta, top_k, weights=None, block_v=None) -> None:
+    """``out (B, V)`` float32 ``= log_softmax(log_softmax(logits) + beta * reward)`` over the candidates (the first
+    ``top_k[b]`` tokens of ``logits[b]`` in (logit descending, index ascending) order, every token when 0), exactly
+    ``-inf`` elsewhere. ``logits (B, V)`` fp32 / fp16 / bf16, ``beta (B,)`` float32, ``top_k (B,)`` int32.
+
+    ``reward``: ``(B, V)`` token rewards (read by the kernel); ``(B, M, V)`` with ``weights (B, M)``: combined here
+    into ``(B, V)`` token rewards (``sum_m weights[:, m] * reward[:, m]``, one torch op) first; ``(B, k)``
+    per-candidate rewards in candidate order: scattered here into a zero ``(B, V)`` row at the candidates' indices,
+    found with a host-side stable ``torch.sort`` of the logits (acceptable for this rare form; the kernel itself
+    never sorts: it finds the candidates by bisection on the logits' keys, see :func:`_reward_kernel`)."""
+    B, V = logits.shape
+    if B == 0:
+        return
+    dev = logits.device
+    if reward.dim() == 3:
+        r = (weights.to(torch.float32)[:, :, None] * reward.to(torch.float32)).sum(1)
+    elif reward.shape[1] == V:
+        r = reward.to(torch.float32)
+    else:  # per-candidate rewards, aligned with the candidate order
+        k = reward.shape[1]
+        order = torch.sort(logits.to(torch.float32), dim=-1, descending=True, stable=True).indices[:, :k]
+        r = torch.zeros(B, V, dtype=torch.float32, device=dev)
+        r.scatter_(1, order, reward.to(torch.float32))
+    if r.stride(-1) != 1:
+        r = r.contiguous()
+    if logits.stride(-1) != 1:
+        logits = logits.contiguous()
+    beta = beta.to(device=dev, dtype=torch.float32).contiguous()
+    top_k = top_k.to(device=dev, dtype=torch.int32).contiguous()
+    if out.dtype == torch.float32 and out.stride(-1) == 1:
+        _launch_reward(out, logits, r, beta, top_k, block_v=block_v)
+    else:
+        tmp = torch.empty(B, V, dtype=torch.float32, device=dev)
+        _launch_reward(tmp, logits, r, beta, top_k, block_v=block_v)
+        out.copy_(tmp)

@@ -111,12 +111,13 @@ def test_amulet_and_costeer_closed_forms_equal_their_iterations():
 
 
 # -------------------------------------------------------------------------------------------- reward guidance
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("top_k", [0, 5])
-def test_reward_guidance_equals_formula_with_exact_zeros(top_k):
+def test_reward_guidance_equals_formula_with_exact_zeros(top_k, backend):
     B, V = 4, 300
     logits, reward = _logits(B, V, 8), _logits(B, V, 9, scale=1.0)
     beta = torch.tensor([0.0, 0.5, 1.0, 2.5])
-    got = reward_guided_logprobs(logits, reward, beta, top_k=top_k)
+    got = reward_guided_logprobs(logits, reward, beta, top_k=top_k, backend=backend)
     want = reward_guided_ref(logits, reward, beta, top_k)
     fin = torch.isfinite(want)
     assert torch.equal(torch.isfinite(got), fin)
@@ -129,19 +130,20 @@ def test_reward_guidance_equals_formula_with_exact_zeros(top_k):
         assert_close(got[0], torch.log_softmax(logits[0].double(), -1), torch.float32, scale=20)
 
 
-def test_per_candidate_and_multi_objective_rewards():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_per_candidate_and_multi_objective_rewards(backend):
     B, V, k = 3, 200, 4
     logits = _logits(B, V, 10)
     per_cand = _logits(B, k, 11, scale=1.0)
-    got = reward_guided_logprobs(logits, per_cand, 1.5, top_k=k)
+    got = reward_guided_logprobs(logits, per_cand, 1.5, top_k=k, backend=backend)
     assert_close(got[torch.isfinite(got)], reward_guided_ref(logits, per_cand, 1.5, k)[torch.isfinite(got)],
                  torch.float32, scale=20)
     rewards = torch.stack([_logits(B, V, 12, scale=1.0), _logits(B, V, 13, scale=1.0)], 1)  # (B, M, V)
     w = torch.tensor([[1.0, 0.0], [0.3, 0.7], [0.0, 1.0]])
-    got = reward_guided_logprobs(logits, rewards, 2.0, weights=w)
+    got = reward_guided_logprobs(logits, rewards, 2.0, weights=w, backend=backend)
     want = reward_guided_ref(logits, rewards, 2.0, 0, weights=w)
     assert_close(got, want, torch.float32, scale=30)
-    single = reward_guided_logprobs(logits, rewards[:, 1], 2.0)
+    single = reward_guided_logprobs(logits, rewards[:, 1], 2.0, backend=backend)
     assert_close(got[2], single[2], torch.float32, scale=30)  # weights (0, 1): the second objective alone
 
 

@@ -14,16 +14,21 @@ import multiprocessing as mp
 import os
 import re
 import subprocess
+import sys
 import tempfile
 from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
 
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from pllm_kernels.triton import decoding as tl_decoding
-from pllm_kernels.triton import lora as tl_lora
-from pllm_kernels.triton import steer as tl_steer
+# this tree's package, not whichever copy is installed (the test runs this script in a child process)
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from pllm_kernels.triton import decoding as tl_decoding  # noqa: E402
+from pllm_kernels.triton import lora as tl_lora  # noqa: E402
+from pllm_kernels.triton import steer as tl_steer  # noqa: E402
 
 FAMILIES = {"lora": tl_lora, "steer": tl_steer, "decoding": tl_decoding}
 

@@ -265,3 +265,86 @@ def test_fused_blocks_and_shortcut_off():
                               prm["min_p"], prm["seed"], prm["step"], mix=True, block_v=256, shortcut=shortcut)
         assert torch.equal(tok, rt), (shortcut, tok.tolist(), rt.tolist())
         _check_logprobs(lp, rl, f"fused shortcut={shortcut}")
+
+
+# ---------------------------------------------------------------------------------------------------------- reward
+def _check_reward(out, want, msg=""):
+    """Exactly the spec's ``-inf`` pattern; finite values within 1e-5 (absolute) of the float64 spec."""
+    assert torch.equal(torch.isneginf(out), torch.isneginf(want)), msg
+    fin = torch.isfinite(want)
+    assert torch.isfinite(out[fin]).all(), msg
+    err = (out.double()[fin] - want[fin]).abs().max().item()
+    assert err <= 1e-5, f"{msg}: off by {err}"
+
+
+@interpreter
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("block_v", [None, 256])
+def test_reward_guided_token_rewards(dtype, block_v):
+    """``(B, V)`` token rewards, per-row beta (incl. 0) and top_k in {0, 1, 5, 17}; ties in the base logits (0.5 grid
+    rows; fp16 has many more), a ``-inf`` logit, non-contiguous logit rows, several blocks."""
+    gen = torch.Generator().manual_seed(30)
+    B, V = 12, 700
+    big = (torch.randn(2 * B, V + 2, generator=gen) * 3)
+    big[::4] = torch.round(big[::4] * 2) / 2  # ties at the candidate threshold: broken by index
+    logits = big.to(dtype)[::2, 1:V + 1]
+    logits[5, 3] = NEG_INF
+    reward = torch.randn(B, V, generator=gen)
+    beta = torch.tensor([0.0, 0.5, 1.0, 2.5])[torch.arange(B) % 4]
+    top_k = torch.tensor([0, 1, 5, 17], dtype=torch.int32)[(torch.arange(B) // 4 + torch.arange(B)) % 4]
+    out = torch.full((B, V), math.nan)
+    tl_dec.reward_guided_triton(out, logits, reward, beta, top_k, block_v=block_v)
+    want = reward_guided_ref(logits, reward, beta, top_k)
+    _check_reward(out, want, "token rewards")
+    k = top_k.long()
+    assert torch.equal(torch.isfinite(out).sum(1), torch.where(k == 0, V - (torch.arange(B) == 5).long(), k))
+    base = (beta == 0) & (top_k == 0)  # the base model exactly
+    assert_close(out[base], torch.log_softmax(logits[base].double(), -1), torch.float32, scale=30)
+
+
+@interpreter
+def test_reward_guided_top_k_all_and_ties():
+    """top_k == V (every token) and a row of equal logits (the candidates are the first k indices)."""
+    B, V = 3, 300
+    logits = torch.randn(B, V, generator=torch.Generator().manual_seed(31)) * 3
+    logits[1] = 0.5
+    reward = torch.randn(B, V, generator=torch.Generator().manual_seed(32))
+    beta = torch.tensor([1.0, 2.0, 0.3])
+    top_k = torch.tensor([V, 7, V - 1], dtype=torch.int32)
+    out = torch.empty(B, V)
+    tl_dec.reward_guided_triton(out, logits, reward, beta, top_k, block_v=128)
+    _check_reward(out, reward_guided_ref(logits, reward, beta, top_k), "top_k all / ties")
+    assert torch.isfinite(out[1, :7]).all() and torch.isneginf(out[1, 7:]).all()
+
+
+@interpreter
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_reward_guided_multi_objective(dtype):
+    gen = torch.Generator().manual_seed(33)
+    B, M, V = 6, 3, 700
+    logits = (torch.randn(B, V, generator=gen) * 3).to(dtype)
+    reward = torch.randn(B, M, V, generator=gen)
+    weights = torch.rand(B, M, generator=gen)
+    weights[0] = torch.tensor([1.0, 0.0, 0.0])
+    beta = torch.tensor([0.0, 0.5, 1.0, 2.5, 1.5, 0.8])
+    top_k = torch.tensor([0, 1, 5, 17, 0, 5], dtype=torch.int32)
+    out = torch.empty(B, V)
+    tl_dec.reward_guided_triton(out, logits, reward, beta, top_k, weights)
+    _check_reward(out, reward_guided_ref(logits, reward, beta, top_k, weights=weights), "multi-objective")
+
+
+@interpreter
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_reward_guided_per_candidate(dtype):
+    """``(B, k)`` rewards aligned with the candidate order (ties in the logits: index order)."""
+    gen = torch.Generator().manual_seed(34)
+    B, V, k = 5, 700, 17
+    logits = torch.randn(B, V, generator=gen) * 3
+    logits[2] = torch.round(logits[2])  # many ties among the candidates
+    logits = logits.to(dtype)
+    reward = torch.randn(B, k, generator=gen)
+    beta = torch.tensor([0.0, 0.5, 1.0, 2.5, 4.0])
+    top_k = torch.full((B,), k, dtype=torch.int32)
+    out = torch.empty(B, V)
+    tl_dec.reward_guided_triton(out, logits, reward, beta, top_k)
+    _check_reward(out, reward_guided_ref(logits, reward, beta, top_k), "per-candidate")
