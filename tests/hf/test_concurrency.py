@@ -4,7 +4,8 @@ Contract (README, ``pllm_kernels.hf.patch``): each call's plan and per-forward b
 slot acquisition is atomic, slots pinned by a call in flight are never evicted, and a call that cannot get slots
 waits up to ``busy_timeout`` then raises ``SlotsBusyError``. Stress: 2 and 4 threads, random mixed batches of 8
 users served from 4 slots (more users than slots), forward and greedy generate, under ``inference_mode``: every row
-must equal that user's row computed alone, and the store must be consistent afterwards.
+must equal that user's row computed alone (two users also carry steering vectors), and the store must be consistent
+afterwards.
 """
 
 from __future__ import annotations
@@ -41,6 +42,9 @@ def served():
     pm.add_adapter("shared", *sds["u6"])
     pm.register_user("u6", *sds["u7"], adapter_name="own6", adapters=[("shared", 0.5)])  # K = 2
     pm.add_user("u7", [("shared", 1.0)])
+    g = torch.Generator().manual_seed(4)
+    pm.add_steering("u3", 1, torch.randn(64, generator=g), scale=3.0)  # LoRA + steering
+    pm.add_steering("u5", 0, torch.randn(64, generator=g), scale=-2.0, mode="norm_preserve")
     expected = {}
     with torch.inference_mode():
         for u in [*USERS, None]:
