@@ -4,15 +4,27 @@
     python -m pllm_kernels.bench generate                 # CPU: tiny Llama, 8 users (the default without a GPU)
     python -m pllm_kernels.bench generate --gpu           # GPU: ~1.1B Llama-shaped random model, bf16, 8-64 users
     python -m pllm_kernels.bench generate --smoke         # the smallest config, seconds (CI / tests)
+    python -m pllm_kernels.bench generate --profile cpu-issue   # the issue's CPU comparison, all six contenders
     python -m pllm_kernels.bench generate --users 8,32 --new-tokens 64 --backend ours,peft_mixed --out DIR
 
 Every row of the batch belongs to a distinct user with their own random LoRA adapter (ranks alternate 8 / 16,
 all attention + MLP projections, random non-zero B), prompts are left padded, decoding is greedy with a fixed
 number of new tokens (EOS disabled). Backends: ``ours`` (patched model, one metadata build per forward),
 ``peft_mixed`` (PEFT's mixed batch on an identical copy), ``merged`` (one adapter merged into the weights:
-``merge_and_unload``, the single-adapter ceiling). Figures: ``e2e_tok_s`` = B * new_tokens / generate time;
-``decode_tok_s`` = B * (new_tokens - 1) / (time(new_tokens) - time(1)), the decode-only rate. Targets (GPU):
+``merge_and_unload``, the single-adapter ceiling); extra contenders (``--backend all-extra``, and the
+``cpu-issue`` profile): ``peft_one`` (PEFT with one active adapter, ``set_adapter``, for every row), ``base`` (the
+model without adapters: a separate copy built from the same config and seed) and ``ours_none`` (ours with
+``users=[None] * B``: every row without a user; its tokens must equal ``base``'s exactly in float32).
+Figures: ``e2e_tok_s`` = B * new_tokens / generate time; ``decode_tok_s`` = B * (new_tokens - 1) /
+(time(new_tokens) - time(1)), the decode-only rate (medians: the median of the per-round differences). Targets (GPU):
 ours >= 5x peft_mixed decode at 32 users, ours within 15 % of merged; (CPU) ours faster than peft_mixed at 8 users.
+Profile ``cpu-issue`` ("Decode at serving speed"): Llama-shaped random model (hidden 512, MLP 1536, 4 layers, 8 heads
+/ 4 KV heads, vocab 8192), 8 users with rank-16 LoRA (alpha 32) on all linear layers, batch 8 (one user per row),
+64-token prompts, 32 greedy tokens, 2 threads, every contender in one process, round-robin within each round (the
+order rotates per round), medians of ``--rounds`` (default 5, at least 3) rounds; it prints and writes the ratios
+ours / peft_mixed (target >= 2.0), ours / merged (>= 0.85) and ours_none / base (>= 0.98) of the median decode
+tok/s with PASS / FAIL (``target_vs_X``, ``pass_vs_X``, ``e2e_ratio_vs_X`` on the numerator's row). A missed
+target is reported, not an error: the exit code stays 0.
 Our per-layer value checks are off (``PLLM_CHECK_VALUES=0``): the store validates adapters at registration.
 Correctness is checked in the same run: the first ``new_tokens`` generation of each backend (also its warm-up) is
 compared with PEFT's mixed batch, token for token; ``tokens_eq_peft`` is the fraction of compared rows that are
@@ -41,14 +53,24 @@ from pllm_kernels.bench import harness as H
 
 CSV = "bench_generate.csv"
 BACKENDS = ("ours", "peft_mixed", "merged")
+EXTRA_BACKENDS = ("peft_one", "base", "ours_none")
+ALL_BACKENDS = BACKENDS + EXTRA_BACKENDS
+# the issue's CPU targets: (numerator, denominator) -> minimum ratio of median decode tok/s
+ISSUE_TARGETS = {("ours", "peft_mixed"): 2.0, ("ours", "merged"): 0.85, ("ours_none", "base"): 0.98}
 
 CPU_MODEL = dict(hidden_size=256, intermediate_size=512, num_hidden_layers=4, num_attention_heads=8,
                  num_key_value_heads=4, vocab_size=1024)
+ISSUE_MODEL = dict(hidden_size=512, intermediate_size=1536, num_hidden_layers=4, num_attention_heads=8,
+                   num_key_value_heads=4, vocab_size=8192)
 SMOKE_MODEL = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                    num_key_value_heads=2, vocab_size=128)
 
 
 def _profile(args):
+    if getattr(args, "profile", None) == "cpu-issue":
+        return dict(model=ISSUE_MODEL, users=[8], prompt=64, jitter=1, new=32, reps=5, dtype=torch.float32,
+                    device="cpu", gpu=False, rank=16, alpha=32, threads=2, stat="median", backends=ALL_BACKENDS,
+                    targets=ISSUE_TARGETS)
     if args.smoke:
         return dict(model=SMOKE_MODEL, users=[4], prompt=8, new=8, reps=3, dtype=torch.float32, device="cpu",
                     gpu=False)
@@ -90,8 +112,9 @@ def build_base(prof, seed=0):
     return tiny_model("llama", seed=seed, dtype=prof["dtype"], device=prof["device"], **prof["model"])
 
 
-def adapter_specs(n_users: int) -> dict:
-    return {f"user{i}": dict(r=8 if i % 2 == 0 else 16, lora_alpha=16, target_modules="all-linear")
+def adapter_specs(n_users: int, rank: int | None = None, alpha: int | None = None) -> dict:
+    """One LoRA per user on every linear layer: ranks alternate 8 / 16 (alpha 16) unless ``rank`` / ``alpha``."""
+    return {f"user{i}": dict(r=rank or (8 if i % 2 == 0 else 16), lora_alpha=alpha or 16, target_modules="all-linear")
             for i in range(n_users)}
 
 
@@ -134,31 +157,49 @@ def build_contenders(prof, n_users: int, backends) -> Contenders:
     from pllm_kernels.testing import left_padded_batch, peft_reference
 
     base = build_base(prof)
-    specs = adapter_specs(n_users)
+    specs = adapter_specs(n_users, prof.get("rank"), prof.get("alpha"))
     users = list(specs)
     peft_model, sds = peft_reference(base, specs, seed=1)
-    ids, mask = left_padded_batch([prof["prompt"] - (i % 3) for i in range(n_users)], base.config.vocab_size,
+    jitter = prof.get("jitter", 3)  # prompt lengths prompt - (row % jitter): 1 = all the same length, no padding
+    ids, mask = left_padded_batch([prof["prompt"] - (i % jitter) for i in range(n_users)], base.config.vocab_size,
                                   seed=2, device=prof["device"])
     c = Contenders(users, ids, mask, peft_model)
+    if "base" in backends:  # an identical, separate copy (same config and seed), never patched
+        plain = build_base(prof)
+        c.gens["base"] = lambda i, m, kw: plain.generate(input_ids=i, attention_mask=m, **kw)
+    if "peft_one" in backends:  # one active adapter for every row (peft_mixed passes adapter_names, unaffected)
+        peft_model.set_adapter(users[0])
+        c.gens["peft_one"] = lambda i, m, kw: peft_model.generate(input_ids=i, attention_mask=m, **kw)
     if "merged" in backends:
         merged = copy.deepcopy(peft_model).merge_and_unload(adapter_names=[users[0]]).eval()
         c.gens["merged"] = lambda i, m, kw: merged.generate(input_ids=i, attention_mask=m, **kw)
     if "peft_mixed" in backends:
         c.gens["peft_mixed"] = lambda i, m, kw: peft_model.generate(input_ids=i, attention_mask=m,
                                                                     adapter_names=users, **kw)
-    if "ours" in backends:
-        pm = patch_model(base, num_slots=n_users, max_rank=16)
+    if "ours" in backends or "ours_none" in backends:
+        pm = patch_model(base, num_slots=n_users, max_rank=max(s["r"] for s in specs.values()))
         c.pm = pm
         for u in users:
             pm.register_user(u, *sds[u])
-        c.gens["ours"] = lambda i, m, kw: pm.generate(i, attention_mask=m, users=users, **kw)
+        nobody = [None] * len(users)
+        if "ours" in backends:
+            c.gens["ours"] = lambda i, m, kw: pm.generate(i, attention_mask=m, users=users, **kw)
+        if "ours_none" in backends:
+            c.gens["ours_none"] = lambda i, m, kw: pm.generate(i, attention_mask=m, users=nobody, **kw)
     return c
 
 
 def compared_rows(backend: str, users: list[str]) -> list[int]:
-    """Rows of ``backend``'s output that must equal PEFT's per-user result: all of them, except for ``merged``
-    (one adapter merged for everyone), whose rows of the merged user only."""
-    return [0] if backend == "merged" else list(range(len(users)))
+    """Rows of ``backend``'s output that must equal PEFT's per-user result: all of them, except for ``merged`` and
+    ``peft_one`` (one adapter for everyone), whose rows of that user only. (``ours_none`` is compared with ``base``,
+    every row.)"""
+    return [0] if backend in ("merged", "peft_one") else list(range(len(users)))
+
+
+def _median(xs):
+    xs = sorted(xs)
+    n = len(xs)
+    return xs[n // 2] if n % 2 else 0.5 * (xs[n // 2 - 1] + xs[n // 2])
 
 
 def tokens_eq(out: torch.Tensor, ref: torch.Tensor, rows: list[int]) -> float:
@@ -170,14 +211,16 @@ def tokens_eq(out: torch.Tensor, ref: torch.Tensor, rows: list[int]) -> float:
 
 
 def run_case(prof, n_users: int, backends, verbose=True) -> list[dict]:
-    """Build the three contenders on identical weights, check their tokens against PEFT's mixed batch, then time
-    them interleaved (best of ``reps`` rounds: robust to a noisy shared machine)."""
+    """Build the contenders on identical weights, check their tokens (against PEFT's mixed batch; ``ours_none``
+    against ``base``), then time them round-robin within each of ``reps`` rounds, the order rotating per round.
+    ``prof["stat"]``: ``best`` (min of the rounds: robust to a noisy shared machine, the default) or ``median``."""
     device = prof["device"]
     c = build_contenders(prof, n_users, backends)
     gens, ids, mask, users = c.gens, c.ids, c.mask, c.users
     B = n_users
     new = prof["new"]
-    best = {name: [float("inf"), float("inf")] for name in gens}
+    stat = prof.get("stat", "best")
+    times = {name: [] for name in gens}  # per round: (time of new tokens, time of 1 token)
     failed = {}  # a backend that raises is reported in its row and dropped; the others are still measured
 
     def attempt(name, fn):
@@ -187,12 +230,11 @@ def run_case(prof, n_users: int, backends, verbose=True) -> list[dict]:
             traceback.print_exc()
             failed[name] = f"error: {type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
             gens.pop(name)
-            best.pop(name)
+            times.pop(name)
             _sync_quietly(device)
 
     def time_backend(name, gen):
-        best[name][0] = min(best[name][0], _time_once(gen, ids, mask, new, device))
-        best[name][1] = min(best[name][1], _time_once(gen, ids, mask, 1, device))
+        times[name].append((_time_once(gen, ids, mask, new, device), _time_once(gen, ids, mask, 1, device)))
 
     outs = {}
 
@@ -207,9 +249,12 @@ def run_case(prof, n_users: int, backends, verbose=True) -> list[dict]:
         with torch.no_grad():
             for name, gen in list(gens.items()):
                 attempt(name, lambda name=name, gen=gen: check(name, gen))
-            for _ in range(prof["reps"]):
-                for name, gen in list(gens.items()):
-                    attempt(name, lambda name=name, gen=gen: time_backend(name, gen))
+            for r in range(prof["reps"]):
+                names = list(gens)
+                k = r % len(names) if names else 0
+                for name in names[k:] + names[:k]:  # round-robin, the first contender rotating
+                    if name in gens:
+                        attempt(name, lambda name=name, gen=gens[name]: time_backend(name, gen))
     finally:
         if old is None:
             os.environ.pop("PLLM_CHECK_VALUES", None)
@@ -219,38 +264,77 @@ def run_case(prof, n_users: int, backends, verbose=True) -> list[dict]:
     agree = {}
     if "peft_mixed" in outs:
         for name, out in outs.items():
-            if name != "peft_mixed":
+            if name not in ("peft_mixed", "base", "ours_none"):
                 agree[name] = tokens_eq(out, outs["peft_mixed"], compared_rows(name, users))
+    agree_base = {}
+    if "base" in outs and "ours_none" in outs:
+        agree_base["ours_none"] = tokens_eq(outs["ours_none"], outs["base"], list(range(B)))
     if verbose and agree:
         print("  tokens == peft_mixed: " + ", ".join(f"{n} {v:.0%} of rows" for n, v in agree.items()))
-    if agree.get("ours", 1.0) < 1.0 and prof["dtype"] == torch.float32:
-        failed_check = f"tokens differ from peft_mixed in {1 - agree['ours']:.0%} of rows (float32: must be equal)"
-        print(f"  ours: {failed_check}", file=sys.stderr)
-    else:
-        failed_check = ""
+    if verbose and agree_base:
+        print(f"  tokens == base: ours_none {agree_base['ours_none']:.0%} of rows")
+    failed_check = {}
+    if prof["dtype"] == torch.float32:
+        if agree.get("ours", 1.0) < 1.0:
+            failed_check["ours"] = (f"tokens differ from peft_mixed in {1 - agree['ours']:.0%} of rows "
+                                    "(float32: must be equal)")
+        if agree_base.get("ours_none", 1.0) < 1.0:
+            failed_check["ours_none"] = (f"tokens differ from base in {1 - agree_base['ours_none']:.0%} of rows "
+                                         "(float32: must be equal)")
+    for name, msg in failed_check.items():
+        print(f"  {name}: {msg}", file=sys.stderr)
     results = {}
-    for name, (t_full, t_one) in best.items():
-        dec = B * (new - 1) / (t_full - t_one) if t_full > t_one else float("nan")
+    for name, ts in times.items():
+        if stat == "median":
+            t_full = _median([t for t, _ in ts])
+            t_dec = _median([t - t1 for t, t1 in ts])  # paired within a round
+        else:
+            t_full = min(t for t, _ in ts)
+            t_dec = t_full - min(t1 for _, t1 in ts)
+        dec = B * (new - 1) / t_dec if t_dec > 0 else float("nan")
         results[name] = dict(e2e=B * new / t_full, decode=dec, ms=t_full * 1e3)
         if verbose:
             print(f"  {name:<11} users={n_users:<3} e2e {B * new / t_full:10.1f} tok/s   decode {dec:10.1f} tok/s")
+    method = (f"perf_counter(median of {prof['reps']} rounds, round-robin)" if stat == "median"
+              else "perf_counter(best of reps)")
+    targets = prof.get("targets") or {}
     rows = []
     for name, r in results.items():
         row = dict(bench="generate", case=f"users={n_users}", backend=name, kind=_kind(name), users=n_users, batch=B,
-                   prompt=prof["prompt"], new_tokens=new, median_ms=r["ms"], method="perf_counter(best of reps)",
-                   e2e_tok_s=r["e2e"], decode_tok_s=r["decode"])
+                   prompt=prof["prompt"], new_tokens=new, median_ms=r["ms"], method=method,
+                   e2e_tok_s=r["e2e"], decode_tok_s=r["decode"], rounds=len(times[name]))
         if name in agree:
             row.update(tokens_eq_peft=agree[name], rows_compared=len(compared_rows(name, users)))
-        if name == "ours" and failed_check:
-            row["note"] = f"error: {failed_check}"
-        for other in ("peft_mixed", "merged"):
+        if name in agree_base:
+            row.update(tokens_eq_base=agree_base[name], rows_compared=B)
+        if name in failed_check:
+            row["note"] = f"error: {failed_check[name]}"
+        for other in ("peft_mixed", "merged", "base"):
             if other in results and other != name:
                 row[f"ratio_vs_{other}"] = r["decode"] / results[other]["decode"]
+        for (num, den), target in targets.items():
+            if num == name and den in results:
+                row[f"e2e_ratio_vs_{den}"] = r["e2e"] / results[den]["e2e"]
+                row[f"target_vs_{den}"] = target
+                row[f"pass_vs_{den}"] = bool(row[f"ratio_vs_{den}"] >= target)
         rows.append(row)
     for name, note in failed.items():
         rows.append(dict(bench="generate", case=f"users={n_users}", backend=name, kind=_kind(name), users=n_users,
                          batch=B, prompt=prof["prompt"], new_tokens=new, note=note))
     return rows
+
+
+def target_lines(rows) -> list[str]:
+    """``ours / peft_mixed decode = 2.31x (target >= 2.0): PASS`` per target of the rows (``pass_vs_X`` columns)."""
+    out = []
+    for row in rows:
+        for key in row:
+            if key.startswith("pass_vs_"):
+                den = key[len("pass_vs_"):]
+                out.append(f"{row['backend']} / {den} decode = {row[f'ratio_vs_{den}']:.2f}x "
+                           f"(e2e {row[f'e2e_ratio_vs_{den}']:.2f}x; target >= {row[f'target_vs_{den}']}): "
+                           f"{'PASS' if row[key] else 'FAIL'}")
+    return out
 
 
 def main(argv=None) -> int:
@@ -263,7 +347,15 @@ def main(argv=None) -> int:
                    help="torch CPU threads (default: 1 for --smoke, whose timings only check the plumbing and must "
                         "not collapse on a busy shared machine; else torch's default)")
     p.add_argument("--cpu", action="store_true", help="the CPU profile even where a GPU is present")
+    p.add_argument("--profile", choices=("smoke", "cpu", "gpu", "cpu-issue"), default=None,
+                   help="smoke / cpu / gpu = --smoke / --cpu / --gpu; cpu-issue: the issue's CPU comparison (six "
+                        "contenders, hidden 512, 8 users rank 16, 64 + 32 tokens, 2 threads, medians of rounds)")
+    p.add_argument("--rounds", type=int, default=None, help="timed rounds (cpu-issue: medians, at least 3)")
     args = p.parse_args(argv)
+    if args.profile in ("smoke", "gpu", "cpu"):
+        setattr(args, args.profile, True)
+    elif args.profile == "cpu-issue":
+        args.cpu = True
     if args.smoke and not args.out and not os.environ.get("PLLM_BENCH_OUT"):
         args.out = str(H.default_out("smoke"))  # smoke rows never pollute the results of real runs
     H.apply_out(args)
@@ -277,13 +369,27 @@ def main(argv=None) -> int:
         prof["users"] = [int(u) for u in args.users.split(",")]
     if args.new_tokens:
         prof["new"] = args.new_tokens
-    backends = BACKENDS if args.backend == "all" else tuple(b.strip() for b in args.backend.split(","))
+    if args.rounds:
+        if prof.get("stat") == "median" and args.rounds < 3:
+            print("--rounds: medians need at least 3 rounds", file=sys.stderr)
+            return 2
+        prof["reps"] = args.rounds
+    if args.backend == "all":
+        backends = prof.get("backends", BACKENDS)
+    elif args.backend == "all-extra":
+        backends = ALL_BACKENDS
+    else:
+        backends = tuple(b.strip() for b in args.backend.split(","))
+    unknown = [b for b in backends if b not in ALL_BACKENDS]
+    if unknown:
+        print(f"unknown backend(s) {', '.join(unknown)}; known: {', '.join(ALL_BACKENDS)}", file=sys.stderr)
+        return 2
     if args.dry_run:
         for u in prof["users"]:
             print(f"users={u}: {', '.join(backends)}")
         return 0
     threads = torch.get_num_threads()
-    want = args.threads or (1 if args.smoke and not prof["gpu"] else None)
+    want = args.threads or prof.get("threads") or (1 if args.smoke and not prof["gpu"] else None)
     if want:
         torch.set_num_threads(want)
     try:  # restore the thread count for in-process callers
@@ -296,7 +402,8 @@ def _run(args, prof, backends) -> int:
     budget = H.Budget(args.budget_s)
     env = H.env_info()
     print(f"bench_generate on {env['device']} (torch {env['torch']}, transformers {env['transformers']}, "
-          f"peft {env['peft']}, sha {env['git_sha']})")
+          f"peft {env['peft']}, sha {env['git_sha']}); {torch.get_num_threads()} threads, rounds {prof['reps']} "
+          f"({prof.get('stat', 'best')}), backends {','.join(backends)}")
     all_rows = []
     errors = 0
     last = None  # (users, seconds) of the last case: a case's time grows about linearly with its users
@@ -322,6 +429,8 @@ def _run(args, prof, backends) -> int:
             print(f"  users={u}: ours / peft_mixed decode = {by['ours']['ratio_vs_peft_mixed']:.2f}x")
         if "ratio_vs_merged" in by.get("ours", {}):
             print(f"  users={u}: ours / merged decode = {by['ours']['ratio_vs_merged']:.2f}")
+        for line in target_lines(rows):
+            print(f"  users={u}: {line}")
         if prof["gpu"]:
             gc.collect()  # models and PEFT wrappers hold reference cycles: free them before the next, larger case
             torch.cuda.empty_cache()

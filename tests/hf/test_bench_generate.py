@@ -55,6 +55,67 @@ def test_bench_generate_flags_wrong_tokens(tmp_path, monkeypatch):
     assert float(ours["tokens_eq_peft"]) < 1.0 and ours["note"].startswith("error: tokens differ")
 
 
+def _issue_at_smoke_size(monkeypatch):
+    """The smoke profile with the cpu-issue profile's statistics and targets: medians of 3 round-robin rounds."""
+    profile = BG._profile
+
+    def prof(args):
+        return dict(profile(args), stat="median", targets=BG.ISSUE_TARGETS)
+
+    monkeypatch.setattr(BG, "_profile", prof)
+
+
+def test_bench_generate_extra_contenders(tmp_path, monkeypatch, capsys):
+    """peft_one, base and ours_none next to the three others, with the issue's ratio and target columns."""
+    monkeypatch.setenv("PLLM_BENCH_RUN_ID", "test-run")
+    _issue_at_smoke_size(monkeypatch)
+    assert BG.main(["--smoke", "--backend", "all-extra", "--out", str(tmp_path)]) == 0
+    with open(tmp_path / BG.CSV) as f:
+        rows = {r["backend"]: r for r in csv.DictReader(f)}
+    assert set(rows) == set(BG.ALL_BACKENDS)
+    assert all(float(r["e2e_tok_s"]) > 0 and int(r["rounds"]) == 3 and r["note"] == "" for r in rows.values())
+    assert all(r["method"].startswith("perf_counter(median of 3 rounds") for r in rows.values())
+    for (num, den), target in BG.ISSUE_TARGETS.items():
+        r = rows[num]
+        assert float(r[f"ratio_vs_{den}"]) > 0 and float(r[f"e2e_ratio_vs_{den}"]) > 0, (num, den)
+        assert float(r[f"target_vs_{den}"]) == target and r[f"pass_vs_{den}"] in ("True", "False"), (num, den)
+    assert float(rows["ours_none"]["tokens_eq_base"]) == 1.0 and int(rows["ours_none"]["rows_compared"]) == 4
+    assert float(rows["peft_one"]["tokens_eq_peft"]) == 1.0 and int(rows["peft_one"]["rows_compared"]) == 1
+    out = capsys.readouterr().out
+    assert "ours_none / base decode = " in out and "ours / peft_mixed decode = " in out
+    assert ("PASS" in out) or ("FAIL" in out)
+
+
+def test_bench_generate_flags_ours_none_differing_from_base(tmp_path, monkeypatch):
+    """ours with every row without a user must give the base model's tokens exactly (float32)."""
+    build = BG.build_contenders
+
+    def with_a_user(prof, n_users, backends):
+        c = build(prof, n_users, backends)
+        pm, users = c.pm, c.users
+        c.gens["ours_none"] = lambda i, m, kw: pm.generate(i, attention_mask=m, users=users, **kw)  # not nobody
+        return c
+
+    monkeypatch.setattr(BG, "build_contenders", with_a_user)
+    assert BG.main(["--smoke", "--backend", "base,ours_none", "--rounds", "1", "--out", str(tmp_path)]) == 1
+    with open(tmp_path / BG.CSV) as f:
+        row = next(r for r in csv.DictReader(f) if r["backend"] == "ours_none")
+    assert float(row["tokens_eq_base"]) < 1.0 and row["note"].startswith("error: tokens differ from base")
+
+
+def test_bench_generate_cpu_issue_profile():
+    prof = BG._profile(SimpleNamespace(smoke=False, gpu=False, profile="cpu-issue"))
+    assert prof["model"] == dict(hidden_size=512, intermediate_size=1536, num_hidden_layers=4, num_attention_heads=8,
+                                 num_key_value_heads=4, vocab_size=8192)
+    assert (prof["users"], prof["prompt"], prof["new"], prof["threads"]) == ([8], 64, 32, 2)
+    assert (prof["rank"], prof["alpha"], prof["stat"]) == (16, 32, "median") and prof["reps"] >= 3
+    assert set(prof["backends"]) == set(BG.ALL_BACKENDS) and prof["targets"] == BG.ISSUE_TARGETS
+    specs = BG.adapter_specs(8, prof["rank"], prof["alpha"])
+    assert all(s["r"] == 16 and s["lora_alpha"] == 32 for s in specs.values())
+    assert BG.main(["--profile", "cpu-issue", "--dry-run"]) == 0
+    assert BG.main(["--profile", "cpu-issue", "--rounds", "2", "--dry-run"]) == 2  # medians of >= 3 rounds
+
+
 def _enabled(config) -> bool:
     return os.environ.get("PLLM_RUN_BENCH", "0") not in ("", "0") or bool(config.getoption("benchmark_enable", False))
 
