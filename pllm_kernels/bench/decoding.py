@@ -59,7 +59,6 @@ runs ``./pllm_bench_results/smoke``). ``hf_cfg`` needs transformers (skipped, sa
 
 from __future__ import annotations
 
-import contextlib
 import importlib
 import math
 import os
@@ -70,6 +69,8 @@ from dataclasses import dataclass, field
 import torch
 
 from pllm_kernels.bench import harness as H
+from pllm_kernels.bench.harness import Skip
+from pllm_kernels.bench.harness import env_vars as _env
 from pllm_kernels.ops import contrast_logits, fused_sample, sample_tokens
 
 CSV = "decoding.csv"
@@ -152,26 +153,9 @@ def cases_for(profile: str, shapes=None, batch=None, sections=SECTIONS, modes=tu
 
 
 # ------------------------------------------------------------------------------------------------ helpers
-class Skip(Exception):
-    """A backend that cannot run here (missing, unsupported); the message says why."""
-
-
 class Refused(Exception):
     """Ours draws other tokens than the torch implementation: not timed."""
 
-
-@contextlib.contextmanager
-def _env(**kv):
-    old = {k: os.environ.get(k) for k in kv}
-    os.environ.update({k: str(v) for k, v in kv.items()})
-    try:
-        yield
-    finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 def _first_line(e: BaseException, n: int = 200) -> str:

@@ -47,6 +47,7 @@ groups by device).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import datetime as _dt
 import functools
@@ -68,10 +69,12 @@ __all__ = [
     "BENCHES",
     "DEFAULT_OUT",
     "Budget",
+    "Skip",
     "append_rows",
     "base_parser",
     "default_out",
     "env_info",
+    "env_vars",
     "fmt_ms",
     "gbps",
     "implemented",
@@ -103,6 +106,25 @@ BASE_COLUMNS = (
 
 
 # --------------------------------------------------------------------------------------------- registry
+class Skip(Exception):
+    """A backend that cannot run here (missing, unsupported); the message says why."""
+
+
+@contextlib.contextmanager
+def env_vars(**kv):
+    """Set environment variables for the block (restored after, also on error)."""
+    old = {k: os.environ.get(k) for k in kv}
+    os.environ.update({k: str(v) for k, v in kv.items()})
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
 def implemented(name: str) -> bool:
     """Whether ``name`` is registered and has a module."""
     return BENCHES.get(name) is not None

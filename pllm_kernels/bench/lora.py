@@ -36,7 +36,6 @@ Results: ``lora.csv`` and ``bench_lora_summary.md`` in ``--out DIR`` (default ``
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
 import sys
@@ -46,6 +45,8 @@ from dataclasses import dataclass, field
 import torch
 
 from pllm_kernels.bench import harness as H
+from pllm_kernels.bench.harness import Skip
+from pllm_kernels.bench.harness import env_vars as _env
 
 # ------------------------------------------------------------------------------------------------ shapes & cases
 SHAPES: dict[str, tuple[int, tuple[int, ...]]] = {  # Llama-3-8B, TP=1: (h_in, slice output widths)
@@ -245,23 +246,6 @@ def build_problem(case: Case, *, smoke: bool, device, dtype, max_sets: int, mem_
 
 
 # ------------------------------------------------------------------------------------------------ backends
-class Skip(Exception):
-    """A backend that cannot run here (missing, unsupported); the message says why."""
-
-
-@contextlib.contextmanager
-def _env(**kv):
-    old = {k: os.environ.get(k) for k in kv}
-    os.environ.update({k: str(v) for k, v in kv.items()})
-    try:
-        yield
-    finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-
 
 def _offsets(sizes):
     offs = [0]

@@ -70,6 +70,8 @@ from dataclasses import dataclass, field
 import torch
 
 from pllm_kernels.bench import harness as H
+from pllm_kernels.bench.harness import Skip
+from pllm_kernels.bench.harness import env_vars as _env
 
 CSV = "steering.csv"
 SLOTS = 64
@@ -144,26 +146,9 @@ def cases_for(profile: str, tokens=None, batch=None, sections=SECTIONS) -> list[
 
 
 # ------------------------------------------------------------------------------------------------ helpers
-class Skip(Exception):
-    """A backend that cannot run here (missing, unsupported); the message says why."""
-
-
 class Refused(Exception):
     """Ours differs from the unfused baseline: not timed."""
 
-
-@contextlib.contextmanager
-def _env(**kv):
-    old = {k: os.environ.get(k) for k in kv}
-    os.environ.update({k: str(v) for k, v in kv.items()})
-    try:
-        yield
-    finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 def _steer_ops():
