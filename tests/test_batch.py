@@ -144,7 +144,7 @@ def test_row_weights_follow_their_rows_tokens(layout):
     y0 = c.y.clone()
     expected = lora_apply_ref(c.y.double().clone(), c.x.double(), c.lora_a.double(), c.lora_b.double(), exp_slots,
                               exp_w.double(), c.slot_ranks, c.slot_scales, c.slice_sizes)
-    for strategy in ("gather", "runs"):
+    for strategy in ("gather", "runs", "dense"):
         y = y0.clone()
         ops.lora_apply(y, c.x, c.lora_a, c.lora_b, c.slot_ranks, c.slot_scales, meta, c.slice_sizes,
                        backend="torch", strategy=strategy)
@@ -214,7 +214,7 @@ def test_rows_without_user_untouched_through_plan():
         x = torch.randn(len(users) * S, 8, generator=g)
         y0 = plant_negative_zeros(torch.randn(len(users) * S, 6, generator=g))
         untouched = torch.tensor([u is None for u in users]).repeat_interleave(S) | (mask.reshape(-1) == 0)
-        for strategy in ("gather", "runs"):
+        for strategy in ("gather", "runs", "dense"):
             y = y0.clone()
             ops.lora_apply(y, x, buf.lora_a, buf.lora_b, buf.slot_ranks, buf.slot_scales, meta, buf.slice_sizes,
                            backend="torch", strategy=strategy)

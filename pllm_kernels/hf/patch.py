@@ -189,11 +189,11 @@ class PersonalizedModel(nn.Module):
 
     def set_backend(self, backend: str | None = None, strategy: str = "auto") -> None:
         """Backend of every patched layer's ``lora_apply`` (``None`` = the process default, ``PLLM_BACKEND``);
-        ``strategy`` for the torch backend (``auto`` / ``gather`` / ``runs``)."""
+        ``strategy`` for the torch backend (``auto`` / ``dense`` / ``gather`` / ``runs``)."""
         if backend is not None and backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS} or None, got {backend!r}")
-        if strategy not in ("auto", "gather", "runs"):
-            raise ValueError(f"strategy must be 'auto', 'gather' or 'runs', got {strategy!r}")
+        if strategy not in ("auto", "dense", "gather", "runs"):
+            raise ValueError(f"strategy must be 'auto', 'dense', 'gather' or 'runs', got {strategy!r}")
         for layer in self.patched.values():
             layer.__dict__["lora_backend"] = backend
             layer.__dict__["lora_strategy"] = strategy

@@ -53,41 +53,84 @@ def _add_rows(y2: torch.Tensor, delta: torch.Tensor, touched: torch.Tensor) -> N
 
 class LoRAGroup:
     """Runtime side of a group of targets that read the same input (q/k/v, gate/up; see the store's
-    ``GroupBuffers``): the first member called in a forward computes the LoRA deltas of every member with one
-    multi-slice ``lora_apply`` (x read once, one call instead of one per member) and each member adds its slice.
+    ``GroupBuffers``): the first member called in a forward runs the base layer of **every** member on that input
+    and one multi-slice ``lora_apply`` whose per-slice outputs are those members' outputs (x read once; one LoRA
+    call per group instead of one per member; no delta buffer, no add per member); the other members then return
+    their already personalized output.
 
-    The deltas live in the forward's :class:`PersonalBatch` (``scratch``), never on this object, and are reused
-    only by the members called with the very same input tensor in the same forward; anything else (a member fed
-    another input, a member called twice) recomputes, so sharing is never wrong, only sometimes not taken. They are
-    released once every member has used them.
+    The outputs waiting for their member live in the forward's :class:`PersonalBatch` (``scratch``), never on this
+    object, and are handed out only to a member called with the very same input tensor in the same forward;
+    anything else (a member fed another input, a member called twice) recomputes, so sharing is never wrong, only
+    sometimes not taken.
     """
 
     def __init__(self, buffers):
         self.buffers = buffers  # the store's GroupBuffers (its tensors are replaced when the store moves)
         self._validated = None
+        self._members: dict[str, weakref.ref] = {}
 
-    def delta(self, member: str, x: torch.Tensor, x2: torch.Tensor, batch: PersonalBatch, meta,
+    def attach(self, name: str, layer: MultiLoRALinear) -> None:
+        """Register the patched layer serving member ``name`` (its base layer is run for the group)."""
+        self._members[name] = weakref.ref(layer)
+
+    def _layers(self):
+        layers = [self._members.get(m) for m in self.buffers.members]
+        layers = [r() if r is not None else None for r in layers]
+        return None if any(m is None for m in layers) else layers
+
+    def _validate_key(self, member: str, x2: torch.Tensor, meta):
+        g = self.buffers
+        vkey = (x2.device, x2.dtype, meta.num_slots, meta.k, g.lora_a.data_ptr(), g.lora_a.device)
+        validate = self._validated != vkey
+        if validate:
+            _check_device(f"{member} (group {g.name})", x2, g.lora_a)
+        return vkey, validate
+
+    def take(self, member: str, x: torch.Tensor, batch: PersonalBatch) -> torch.Tensor | None:
+        """``member``'s output computed by the group on this very ``x`` in this forward (handed out once), or None."""
+        key = ("group", self.buffers.name)
+        hit = batch.scratch.get(key)
+        if hit is None or hit[0]() is not x or hit[1] != (tuple(x.shape), x.device) or member not in hit[2]:
+            return None
+        out = hit[2].pop(member)
+        if not hit[2]:
+            batch.scratch.pop(key, None)
+        return out
+
+    def serve(self, member: str, y: torch.Tensor, x: torch.Tensor, x2: torch.Tensor, batch: PersonalBatch, meta,
               backend=None, strategy="auto") -> torch.Tensor:
-        """``(tokens, sum(slice widths))`` deltas of every member for input ``x`` (``x2``: its 2-D view)."""
+        """The personalized output of ``member`` whose base output on ``x`` is ``y`` (``x2``: its 2-D view); the
+        other members' outputs wait in the batch's scratch for :meth:`take`."""
         g = self.buffers
         key = ("group", g.name)
-        hit = batch.scratch.get(key)
-        if hit is None or hit[0]() is not x or hit[1] != (tuple(x.shape), x.device) or member not in hit[3]:
-            vkey = (x2.device, x2.dtype, meta.num_slots, meta.k, g.lora_a.data_ptr(), g.lora_a.device)
-            validate = self._validated != vkey
-            if validate:
-                _check_device(f"{member} (group {g.name})", x2, g.lora_a)
-            d = torch.zeros(x2.shape[0], sum(g.slice_sizes), dtype=x2.dtype, device=x2.device)
-            lora_apply(d, x2, g.lora_a, g.lora_b, g.slot_ranks, g.slot_scales, meta, g.slice_sizes,
-                       backend=backend, strategy=strategy, validate=validate)
-            self._validated = vkey
-            hit = (weakref.ref(x), (tuple(x.shape), x.device), d, set(g.members))
-            batch.scratch[key] = hit
-        left = hit[3]
-        left.discard(member)
-        if not left:
-            batch.scratch.pop(key, None)
-        return hit[2]
+        layers = self._layers()
+        if layers is None or y.dtype != x2.dtype or not y.is_contiguous():
+            return self._serve_alone(member, y, x2, batch, meta, backend, strategy)
+        outs = [y if m == member else layers[i].base_layer(x) for i, m in enumerate(g.members)]
+        if any(o.dtype != y.dtype or not o.is_contiguous() for o in outs):
+            return self._serve_alone(member, y, x2, batch, meta, backend, strategy)
+        vkey, validate = self._validate_key(member, x2, meta)
+        lora_apply([o.view(-1, n) for o, n in zip(outs, g.slice_sizes)], x2, g.lora_a, g.lora_b, g.slot_ranks,
+                   g.slot_scales, meta, g.slice_sizes, backend=backend, strategy=strategy, validate=validate)
+        self._validated = vkey
+        waiting = {m: o for m, o in zip(g.members, outs) if m != member}
+        batch.scratch[key] = (weakref.ref(x), (tuple(x.shape), x.device), waiting)
+        return y
+
+    def _serve_alone(self, member, y, x2, batch, meta, backend, strategy) -> torch.Tensor:
+        """Fallback (members not all attached, or outputs in another dtype than the slot buffers): the group's
+        deltas into a temporary, this member's slice added on the touched rows."""
+        g = self.buffers
+        vkey, validate = self._validate_key(member, x2, meta)
+        d = torch.zeros(x2.shape[0], sum(g.slice_sizes), dtype=x2.dtype, device=x2.device)
+        lora_apply(d, x2, g.lora_a, g.lora_b, g.slot_ranks, g.slot_scales, meta, g.slice_sizes,
+                   backend=backend, strategy=strategy, validate=validate)
+        self._validated = vkey
+        i = g.members.index(member)
+        off, n = g.offsets[i], g.slice_sizes[i]
+        y = y if y.is_contiguous() else y.contiguous()
+        _add_rows(y.view(-1, n), d[:, off : off + n], _touched(batch, meta))
+        return y
 
 
 class MultiLoRALinear(nn.Module):
@@ -124,6 +167,8 @@ class MultiLoRALinear(nn.Module):
         self.__dict__["lora_on_apply"] = on_apply
         self.__dict__["lora_backend"] = backend
         self.__dict__["lora_strategy"] = strategy
+        if group is not None:
+            group[0].attach(group[2], self)
         make_transparent(self, "base_layer")
 
     def _apply(self, fn, recurse=True):
@@ -147,12 +192,16 @@ class MultiLoRALinear(nn.Module):
                 f"max_rank={buf.lora_a.shape[2]}, slices={buf.slice_sizes}")
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        y = self.base_layer(x, *args, **kwargs)
         batch = self.lora_context.batch
+        group = self.lora_group
+        if group is not None and batch is not None and not args and not kwargs:
+            done = group[0].take(group[2], x, batch)  # computed by the group's first member on this very input
+            if done is not None:
+                return done
+        y = self.base_layer(x, *args, **kwargs)
         if batch is None or batch.lora is None:
             return y
         buf = self.lora_buffers
-        group = self.lora_group
         # A grouped member follows its group's activity so that every member consumes the shared deltas.
         if batch.lora_slots is not None and not (group[0].buffers if group is not None else buf).active(
                 batch.lora_slots):
@@ -170,11 +219,8 @@ class MultiLoRALinear(nn.Module):
         if x2.dtype != buf.lora_a.dtype:  # slot buffers in another dtype (patch_model(dtype=...), store.to(dtype=))
             x2 = x2.to(buf.lora_a.dtype)
         if group is not None:
-            runtime, i, name = group
-            off = runtime.buffers.offsets[i]
-            d = runtime.delta(name, x, x2, batch, meta, self.lora_backend, self.lora_strategy)
-            _add_rows(y2, d[:, off : off + self.out_features], _touched(batch, meta))
-            return y
+            runtime, _i, name = group
+            return runtime.serve(name, y, x, x2, batch, meta, self.lora_backend, self.lora_strategy)
         # Full argument checks once per (device, dtype, routing layout, buffer placement); after that the per-call
         # checks are skipped (~150 calls per decode step): the store validated the adapters and built the routing.
         key = (x2.device, x2.dtype, y2.dtype, meta.num_slots, meta.k, buf.lora_a.data_ptr(), buf.lora_a.device)

@@ -168,6 +168,56 @@ def _(y, x, lora_a, lora_b, slot_ranks, slot_scales, token_slots, token_weights,
     return None
 
 
+def _lora_apply_sliced_impl(
+    ys: list[torch.Tensor],
+    x: torch.Tensor,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    slot_ranks: torch.Tensor,
+    slot_scales: torch.Tensor,
+    token_slots: torch.Tensor,
+    token_weights: torch.Tensor,
+    sorted_pairs: torch.Tensor,
+    seg_slot: torch.Tensor,
+    seg_start: torch.Tensor,
+    seg_len: torch.Tensor,
+    slice_sizes: list[int],
+    chunk: int,
+    backend: str,
+    strategy: str,
+) -> None:
+    """``lora_apply`` with one output tensor per slice. Backends whose launcher takes per-slice outputs write
+    them directly (torch; Triton when ``lora_apply_triton.sliced_outputs``); the others run on one temporary
+    ``(T, sum(slice_sizes))`` that is then added into each output on the touched rows."""
+    name, impl = _pick(_APPLY, backend, x.device, x.dtype, token_slots.numel())
+    if name == "torch":
+        impl.fn(list(ys), x, lora_a, lora_b, slot_ranks, slot_scales, token_slots, token_weights, sorted_pairs,
+                slice_sizes, strategy=strategy)
+        return
+    if name == "triton" and getattr(_triton().lora_apply_triton, "sliced_outputs", False):
+        impl.fn(tuple(ys), x, lora_a, lora_b, slot_ranks, slot_scales, token_slots, token_weights, sorted_pairs,
+                seg_slot, seg_start, seg_len, tuple(slice_sizes), chunk=chunk)
+        return
+    tmp = torch.zeros(x.shape[0], sum(slice_sizes), dtype=ys[0].dtype, device=x.device)
+    impl.fn(tmp, x, lora_a, lora_b, slot_ranks, slot_scales, token_slots, token_weights, sorted_pairs, seg_slot,
+            seg_start, seg_len, tuple(slice_sizes), chunk=chunk)
+    touched = ((token_slots >= 0) & (token_slots < lora_a.shape[0])).any(1, keepdim=True)
+    off = 0
+    for out, n in zip(ys, slice_sizes):
+        out.copy_(torch.where(touched, out + tmp[:, off : off + n], out))
+        off += n
+
+
+_lora_apply_sliced_op = torch.library.custom_op("pllm::lora_apply_sliced", mutates_args=("ys",))(
+    _lora_apply_sliced_impl)
+
+
+@_lora_apply_sliced_op.register_fake
+def _(ys, x, lora_a, lora_b, slot_ranks, slot_scales, token_slots, token_weights, sorted_pairs, seg_slot, seg_start,
+      seg_len, slice_sizes, chunk, backend, strategy):
+    return None
+
+
 # ------------------------------------------------------------------------------------------- validation
 def _check_meta(meta: LoRAMeta, T: int, device, num_slots: int):
     if not isinstance(meta, LoRAMeta):
@@ -336,7 +386,7 @@ def lora_expand(
 
 
 def lora_apply(
-    y: torch.Tensor,
+    y: torch.Tensor | Sequence[torch.Tensor],
     x: torch.Tensor,
     lora_a: torch.Tensor,
     lora_b: torch.Tensor,
@@ -348,40 +398,81 @@ def lora_apply(
     backend: str | None = None,
     strategy: str = "auto",
     validate: bool = True,
-) -> torch.Tensor:
+):
     """Fused shrink + expand: ``y += sum_k w * scale * (x @ A[slot].T) @ B[slot].T`` per token. Returns ``y``.
 
     Shapes as in :func:`lora_shrink` and :func:`lora_expand`; y ``(T, sum(slice_sizes))`` is updated in place.
+    ``y`` may instead be a list of one output per slice, ``(T, slice_sizes[s])`` each (any row stride): slice
+    ``s``'s delta goes straight into ``y[s]``, e.g. the separate q / k / v projection outputs served by one call
+    over their stacked adapters.
     ``validate=False`` skips the argument checks, for callers that checked their buffers once and build the
     routing themselves (``MultiLoRALinear``: about 150 calls per decode step); the kernels still never read out
     of bounds (out-of-range slots are routed nowhere, ranks are clamped), but errors are no longer reported.
-    backend as in :func:`lora_shrink`; ``strategy`` (torch backend only): ``"auto"``, ``"gather"`` or ``"runs"``
-    (see :mod:`pllm_kernels.torch_ops.lora`).
+    backend as in :func:`lora_shrink`; ``strategy`` (torch backend only): ``"auto"``, ``"dense"``, ``"gather"`` or
+    ``"runs"`` (see :mod:`pllm_kernels.torch_ops.lora`).
     """
+    sliced = isinstance(y, (list, tuple))
     if not validate:
-        _dispatch(_lora_apply_op, _lora_apply_impl,
-                  y, x, lora_a, lora_b, slot_ranks, slot_scales, meta.token_slots, meta.token_weights,
-                  meta.sorted_pairs, meta.seg_slot, meta.seg_start, meta.seg_len, list(slice_sizes or [y.shape[1]]),
-                  meta.chunk, backend or default_backend(), strategy)
+        sizes = list(slice_sizes or ([t.shape[1] for t in y] if sliced else [y.shape[1]]))
+        if sliced:
+            _dispatch(_lora_apply_sliced_op, _lora_apply_sliced_impl,
+                      list(y), x, lora_a, lora_b, slot_ranks, slot_scales, meta.token_slots, meta.token_weights,
+                      meta.sorted_pairs, meta.seg_slot, meta.seg_start, meta.seg_len, sizes, meta.chunk,
+                      backend or default_backend(), strategy)
+        else:
+            _dispatch(_lora_apply_op, _lora_apply_impl,
+                      y, x, lora_a, lora_b, slot_ranks, slot_scales, meta.token_slots, meta.token_weights,
+                      meta.sorted_pairs, meta.seg_slot, meta.seg_start, meta.seg_len, sizes, meta.chunk,
+                      backend or default_backend(), strategy)
         return y
     backend = _backend_arg(backend)
     if strategy not in torch_lora.STRATEGIES:
         _fail("strategy", f"must be one of {torch_lora.STRATEGIES}, got {strategy!r}")
     _validate_x_a(x, lora_a)
     L, S, R, _ = lora_a.shape
-    _validate_y_b(y, lora_b, L, x.dtype)
-    if y.dtype != x.dtype:
-        _fail("y", f"dtype {y.dtype} differs from x's {x.dtype}")
-    if y.device != x.device:
-        _fail("y", f"is on {y.device} but x is on {x.device}")
-    if y.shape[0] != x.shape[0]:
-        _fail("y", f"has {y.shape[0]} rows but x has {x.shape[0]} tokens")
+    if sliced:
+        ys = list(y)
+        if len(ys) != S:
+            _fail("y", f"a list of outputs needs one per slice: got {len(ys)} for {S} slices")
+        _check_tensor("lora_b", lora_b, dim=3, dtypes=_FLOATS, device=x.device)
+        if lora_b.dtype != x.dtype:
+            _fail("lora_b", f"dtype {lora_b.dtype} differs from the activations' {x.dtype}")
+        if lora_b.shape[0] != L:
+            _fail("lora_b", f"has {lora_b.shape[0]} slots but lora_a has {L}")
+        if slice_sizes is None:
+            slice_sizes = [t.shape[1] if isinstance(t, torch.Tensor) and t.dim() == 2 else -1 for t in ys]
+        for i, t in enumerate(ys):
+            _check_tensor(f"y[{i}]", t, dim=2, dtypes=_FLOATS, device=x.device)
+            if t.dtype != x.dtype:
+                _fail(f"y[{i}]", f"dtype {t.dtype} differs from x's {x.dtype}")
+            if t.shape[0] != x.shape[0]:
+                _fail(f"y[{i}]", f"has {t.shape[0]} rows but x has {x.shape[0]} tokens")
+            if t.stride(1) != 1:
+                _fail(f"y[{i}]", "columns must be contiguous (stride 1)")
+    else:
+        _validate_y_b(y, lora_b, L, x.dtype)
+        if y.dtype != x.dtype:
+            _fail("y", f"dtype {y.dtype} differs from x's {x.dtype}")
+        if y.device != x.device:
+            _fail("y", f"is on {y.device} but x is on {x.device}")
+        if y.shape[0] != x.shape[0]:
+            _fail("y", f"has {y.shape[0]} rows but x has {x.shape[0]} tokens")
     if lora_b.shape[2] != R:
         _fail("lora_b", f"has max rank {lora_b.shape[2]} but lora_a has {R}")
     _check_weights_common(x.device, slot_ranks, slot_scales, L)
     _check_meta(meta, x.shape[0], x.device, L)
     sizes = _slice_sizes(slice_sizes, lora_b, S)
+    if sliced:
+        for i, (t, n) in enumerate(zip(ys, sizes)):
+            if t.shape[1] != n:
+                _fail(f"y[{i}]", f"has {t.shape[1]} columns but slice {i} is {n} wide")
     _check_slot_values(meta, slot_ranks, R, slot_scales)
+    if sliced:
+        _dispatch(_lora_apply_sliced_op, _lora_apply_sliced_impl,
+            ys, x, lora_a, lora_b, slot_ranks, slot_scales, meta.token_slots, meta.token_weights, meta.sorted_pairs,
+            meta.seg_slot, meta.seg_start, meta.seg_len, sizes, meta.chunk, backend, strategy,
+        )
+        return y
     _dispatch(_lora_apply_op, _lora_apply_impl,
         y, x, lora_a, lora_b, slot_ranks, slot_scales, meta.token_slots, meta.token_weights, meta.sorted_pairs,
         meta.seg_slot, meta.seg_start, meta.seg_len, sizes, meta.chunk, backend, strategy,

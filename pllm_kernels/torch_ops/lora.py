@@ -8,7 +8,18 @@ Two strategies for ``lora_apply`` (``strategy=``):
   shared adapters.
 * ``"gather"``: gather every pair's weights and use batched matmuls (Punica BGMV): one gather instead of a
   Python loop per adapter. Best for distinct-adapter decode.
-* ``"auto"``: gather for many short runs (decode), runs otherwise.
+* ``"dense"``: one matmul over every slot in the span of slots the batch uses (``x @ A_all.T``), the per-token
+  coefficients (routing weight * scale, zero for other slots and beyond a slot's rank) applied with one
+  ``torch.where`` + multiply, then one ``addmm_`` per slice against a cached transposed copy of B, straight into
+  each slice's output. Nothing is gathered or copied per call: a handful of BLAS calls per layer. Best for
+  decode on CPU, where per-op overhead dominates and the span of loaded slots is small. fp32 / fp64 only (a bf16
+  / fp16 matmul would round the shrink output); needs ``lora_b`` with a version counter (not made under
+  ``inference_mode``) for its cache.
+* ``"auto"``: dense for decode-sized calls whose used-slot span is small, gather for other calls with many
+  short runs (decode), runs otherwise.
+
+``y`` may also be a list of per-slice outputs (``(T, N_s)`` each): every strategy writes each slice's delta into
+its own tensor (the dense strategy directly; the others through one temporary).
 
 Accumulation uses ``index_put_(accumulate=True)``, not ``index_add_``: on multi-threaded CPU torch the latter takes
 ~40 ms per small call when the cores are busy (OpenMP contention), ~10000x the 4 us of the former.
@@ -19,6 +30,9 @@ rank-0 slot are never read into a row's result, so NaN / inf there cannot reach 
 
 from __future__ import annotations
 
+import threading
+import weakref
+
 import torch
 
 from pllm_kernels.reference.lora import slice_offsets
@@ -26,10 +40,12 @@ from pllm_kernels.torch_ops.memo import memo
 
 __all__ = ["STRATEGIES", "lora_apply_torch", "lora_expand_torch", "lora_shrink_torch"]
 
-STRATEGIES = ("auto", "gather", "runs")
+STRATEGIES = ("auto", "gather", "runs", "dense")
 GATHER_MIN_RUNS = 2  # one (k, slot) run: its two matmuls beat gathering a weight copy per token
 GATHER_MAX_PAIRS_PER_RUN = 4  # long runs (prefill): one matmul pair per run reads each weight once
 GATHER_MAX_ELEMS = 1 << 22  # cap on the gathered weight elements (16 MiB in fp32); above it, loop over runs
+DENSE_MAX_WORK = 512  # tokens * slot span: above it the dense matmuls' wasted work beats gathering
+DENSE_MAX_SPAN_PER_SLOT = 4  # slot span / slots used: a sparse span reads too many unused slots
 
 
 def _acc(*dtypes: torch.dtype) -> torch.dtype:
@@ -104,10 +120,11 @@ def lora_expand_torch(y, v, lora_b, slot_ranks, slot_scales, token_slots, token_
 
 
 def choose_strategy(strategy: str, num_runs: int, num_pairs: int, gathered_elems: int) -> str:
-    """Resolve ``strategy`` (see the module docstring) from the run count and sizes (host ints)."""
+    """Resolve ``strategy`` among gather / runs (see the module docstring) from the run count and sizes (host
+    ints); ``auto`` tried the dense strategy first (:func:`_dense_plan`)."""
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
-    if strategy != "auto":
+    if strategy not in ("auto", "dense"):
         return strategy
     gather = (num_runs >= GATHER_MIN_RUNS and num_pairs <= GATHER_MAX_PAIRS_PER_RUN * num_runs
               and gathered_elems <= GATHER_MAX_ELEMS)
@@ -116,17 +133,41 @@ def choose_strategy(strategy: str, num_runs: int, num_pairs: int, gathered_elems
 
 def lora_apply_torch(y, x, lora_a, lora_b, slot_ranks, slot_scales, token_slots, token_weights, sorted_pairs,
                      slice_sizes, *, strategy: str = "auto") -> None:
-    """Fused shrink + expand in torch: ``y += sum_k w * scale * (x @ A[slot].T) @ B[slot].T`` per token."""
+    """Fused shrink + expand in torch: ``y += sum_k w * scale * (x @ A[slot].T) @ B[slot].T`` per token.
+
+    ``y``: ``(T, sum(slice_sizes))``, or a list of per-slice outputs ``(T, N_s)``."""
     T, K = token_slots.shape
     L, S, R, H = lora_a.shape
     N = lora_b.shape[1]
     acc = _acc(x.dtype)
     offsets = slice_offsets(slice_sizes)
+    if isinstance(y, (list, tuple)):
+        ys = list(y)
+    else:
+        ys = [y[:, offsets[s] : offsets[s + 1]] for s in range(S)] if S > 1 else [y]
+    if strategy in ("auto", "dense"):
+        dense = _dense_plan(x, lora_a, lora_b, slot_ranks, slot_scales, token_slots, token_weights,
+                            force=strategy == "dense")
+        if dense is not None:
+            _apply_dense(ys, x, lora_a, offsets, dense)
+            return
+        if strategy == "dense":  # not servable densely (dtype, inference-mode buffers, a non-finite slot)
+            strategy = "auto"
     runs = _runs(token_slots, sorted_pairs, L)
     if not runs:
         return
     P = K * T
-    if choose_strategy(strategy, len(runs), P, P * (S * R * H + N * R)) == "gather":
+    chosen = choose_strategy(strategy, len(runs), P, P * (S * R * H + N * R))
+    if len(ys) > 1 and isinstance(y, (list, tuple)):  # per-slice outputs: one temporary, added on touched rows
+        tmp = torch.zeros(T, N, dtype=ys[0].dtype, device=x.device)
+        lora_apply_torch(tmp, x, lora_a, lora_b, slot_ranks, slot_scales, token_slots, token_weights,
+                         sorted_pairs, slice_sizes, strategy=chosen)
+        touched = ((token_slots >= 0) & (token_slots < L)).any(1, keepdim=True)
+        for s, ys_ in enumerate(ys):
+            ys_.copy_(torch.where(touched, ys_ + tmp[:, offsets[s] : offsets[s + 1]], ys_))
+        return
+    y = ys[0] if len(ys) == 1 and isinstance(y, (list, tuple)) else y
+    if chosen == "gather":
         _apply_gathered(y, x, lora_a, lora_b, slot_ranks, slot_scales, token_slots, token_weights, offsets, acc)
         return
     # Per-run loop: the run plan (tokens per run, positions in sorted order) is memoized per forward; per call,
@@ -153,6 +194,140 @@ def lora_apply_torch(y, x, lora_a, lora_b, slot_ranks, slot_scales, token_slots,
             d = torch.cat([torch.mm(v[:, s * r : (s + 1) * r], b[offsets[s] : offsets[s + 1]].t()) for s in range(S)],
                           dim=1)
         y.index_put_((tokens,), d if d.dtype == y.dtype else d.to(y.dtype), accumulate=True)
+
+
+# ------------------------------------------------------------------------------------------------ dense
+_BT_CACHE: dict = {}
+_BT_LOCK = threading.Lock()
+
+
+def _bt_cached(lora_b: torch.Tensor, slot_ranks: torch.Tensor):
+    """``(bt (L*R, N), bad slots)``: B transposed slot by slot (row ``l*R + r`` is ``B[l, :, r]``) with the padding
+    beyond each slot's rank zeroed, and slots holding a non-finite value within their rank zeroed and listed in
+    ``bad`` (a batch using one of them takes another strategy, which propagates the value as the spec does).
+    Cached on the buffer (its version counter: the store writes slots in place) and the ranks; ``None`` for
+    inference tensors (no version counter)."""
+    if lora_b.is_inference() or slot_ranks.is_inference():
+        return None
+    key = (id(lora_b), tuple(lora_b.shape), lora_b.stride(), lora_b.dtype)
+    stamp = (lora_b.data_ptr(), lora_b._version, slot_ranks.data_ptr(), slot_ranks._version)
+    hit = _BT_CACHE.get(key)
+    if hit is not None and hit[0]() is lora_b and hit[1] == stamp:
+        return hit[2]
+    L, N, R = lora_b.shape
+    with torch.inference_mode(False), torch.no_grad():
+        ranks = slot_ranks.clamp(0, R).to(lora_b.device)
+        keep = torch.arange(R, device=lora_b.device)[None, :] < ranks[:, None]  # (L, R)
+        bt = torch.where(keep[:, :, None], lora_b.detach().permute(0, 2, 1), 0).to(_acc(lora_b.dtype))  # (L, R, N)
+        finite = torch.isfinite(bt).reshape(L, -1).all(1)
+        bad = frozenset(int(i) for i in (~finite).nonzero().flatten().tolist())
+        if bad:
+            bt[~finite] = 0
+        bt = bt.reshape(L * R, N).contiguous()
+    value = (bt, bad)
+    with _BT_LOCK:
+        if len(_BT_CACHE) > 256:
+            _BT_CACHE.clear()
+        _BT_CACHE[key] = (weakref.ref(lora_b), stamp, value)
+    return value
+
+
+def _dense_routing(token_slots, token_weights, L, acc):
+    """Per-forward part of the dense strategy (memoized on the routing): the slot span ``[lo, hi)``, the slots used,
+    ``hit (T, span)`` (token routed to the slot) and ``w (T, span)`` (sum over k of the routing weights of the
+    token's pairs on that slot), whether every token has an adapter, and ``touched (T, 1)``."""
+    T, K = token_slots.shape
+    flat = token_slots.long()
+    valid = (flat >= 0) & (flat < L)
+    used = sorted(set(flat[valid].tolist()))
+    if not used:
+        return None
+    lo, hi = used[0], used[-1] + 1
+    span = hi - lo
+    rows = torch.arange(T, device=flat.device)[:, None].expand(T, K)[valid]
+    cols = flat[valid] - lo
+    w = torch.zeros(T, span, dtype=acc, device=flat.device)
+    w.index_put_((rows, cols), token_weights.to(acc)[valid], accumulate=True)
+    hit = torch.zeros(T, span, dtype=torch.bool, device=flat.device)
+    hit[rows, cols] = True
+    touched = valid.any(1, keepdim=True)
+    return lo, hi, used, hit, w, bool(touched.all()), touched
+
+
+_COEF_CACHE: dict = {}
+
+
+def _dense_coef(routing, slot_ranks, slot_scales, R, acc):
+    """``(keep, coef)`` ``(T, span, 1, R)`` of one target: ``coef`` = the token's routing weight * the slot's scale
+    where the token uses the slot and ``r`` < the slot's rank, else 0; ``keep`` marks those entries (padding and
+    unused slots may hold anything, so they are cut with ``torch.where``, not multiplied by 0). Cached per routing
+    and the target's ranks / scales (version counters) when they have them."""
+    key = None
+    if not (slot_ranks.is_inference() or slot_scales.is_inference()):
+        key = (id(routing), id(slot_ranks), slot_ranks._version, id(slot_scales), slot_scales._version, R, acc)
+        hit = _COEF_CACHE.get(key)
+        if hit is not None and hit[0] is routing:
+            return hit[1]
+    lo, hi, _used, hit_, w = routing[:5]
+    in_rank = torch.arange(R, device=w.device)[None, :] < slot_ranks[lo:hi, None].to(w.device)  # (span, R)
+    keep = (hit_[:, :, None] & in_rank[None]).unsqueeze(2)  # (T, span, 1, R)
+    coef = torch.where(keep, (w * slot_scales[lo:hi].to(acc)[None, :])[:, :, None, None], 0)
+    value = (keep, coef)
+    if key is not None:
+        if len(_COEF_CACHE) > 1024:
+            _COEF_CACHE.clear()
+        _COEF_CACHE[key] = (routing, value)
+    return value
+
+
+def _dense_plan(x, lora_a, lora_b, slot_ranks, slot_scales, token_slots, token_weights, force=False):
+    """What :func:`_apply_dense` needs, or ``None`` when the dense strategy cannot serve this call (dtype not fp32 /
+    fp64, buffers without a version counter, a used slot with a non-finite value) or, unless ``force``, would be
+    slow for it (too many tokens times slots, or a sparse slot span)."""
+    if x.dtype not in (torch.float32, torch.float64) or lora_a.dtype != x.dtype or lora_b.dtype != x.dtype:
+        return None
+    if not lora_a.is_contiguous():
+        return None
+    L, S, R, H = lora_a.shape
+    T = token_slots.shape[0]
+    acc = x.dtype
+    routing = memo(token_slots, ("dense", L, acc), lambda ts, tw: _dense_routing(ts, tw, L, acc), token_weights)
+    if routing is None:
+        return None
+    lo, hi, used = routing[0], routing[1], routing[2]
+    span = hi - lo
+    if not force and (T * span > DENSE_MAX_WORK or span > DENSE_MAX_SPAN_PER_SLOT * len(used)):
+        return None
+    cached = _bt_cached(lora_b, slot_ranks)
+    if cached is None:
+        return None
+    bt, bad = cached
+    if bad and any(s in bad for s in used):
+        return None
+    keep, coef = _dense_coef(routing, slot_ranks, slot_scales, R, acc)
+    return (lo, hi, keep, coef, routing[5], routing[6]), bt
+
+
+def _apply_dense(ys, x, lora_a, offsets, plan) -> None:
+    (lo, hi, keep, coef, all_touched, touched), bt = plan
+    L, S, R, H = lora_a.shape
+    T = x.shape[0]
+    span = hi - lo
+    a = lora_a[lo:hi].reshape(span * S * R, H)
+    v = torch.mm(x, a.t()).view(T, span, S, R)
+    v = torch.where(keep, v, 0).mul_(coef)  # (T, span, S, R): this token's slots, within their ranks
+    if S > 1:
+        v = v.permute(2, 0, 1, 3).reshape(S, T, span * R)
+    else:
+        v = v.view(1, T, span * R)
+    rows = bt[lo * R : hi * R]
+    for s, out in enumerate(ys):
+        b = rows[:, offsets[s] : offsets[s + 1]]
+        if all_touched and out.dtype == v.dtype:
+            out.addmm_(v[s], b)
+        else:  # rows without an adapter keep their bits (adding 0 would turn -0.0 into +0.0)
+            d = torch.mm(v[s], b)
+            out.copy_(torch.where(touched, out + d.to(out.dtype), out))
 
 
 def _apply_gathered(y, x, lora_a, lora_b, slot_ranks, slot_scales, token_slots, token_weights, offsets, acc):

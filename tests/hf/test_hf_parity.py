@@ -67,7 +67,7 @@ def _peft_names(users):
     return [u or "__base__" for u in users]
 
 
-@pytest.fixture(params=["gather", "runs"])
+@pytest.fixture(params=["gather", "runs", "dense"])
 def path(request, setup):
     """Both strategies of the op's torch backend: gathered per-token weights (batched matmuls) and per-(k, slot)
     runs of the sorted order."""

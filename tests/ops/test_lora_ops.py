@@ -76,7 +76,7 @@ def test_opcheck():
     torch.library.opcheck(torch.ops.pllm.lora_expand.default,
                           (c.y.clone(), v.normal_(), c.lora_b, c.slot_ranks, c.slot_scales, ts, tw, sp, ss, st, sl,
                            [4, 2], m.chunk, "torch"))
-    for strategy in ("gather", "runs"):
+    for strategy in ("gather", "runs", "dense"):
         torch.library.opcheck(torch.ops.pllm.lora_apply.default,
                               (c.y.clone(), c.x, c.lora_a, c.lora_b, c.slot_ranks, c.slot_scales, ts, tw, sp, ss, st,
                                sl, [4, 2], m.chunk, "torch", strategy))
@@ -180,7 +180,7 @@ def test_apply_triton_backend_through_op(case, dtype, monkeypatch):
     assert_bitwise_equal(c.y[untouched], y0[untouched], msg=f"case {case}: rows without adapter")
 
 
-@pytest.mark.parametrize("strategy", ["gather", "runs"])
+@pytest.mark.parametrize("strategy", ["gather", "runs", "dense"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("case", [1, 2, 3, 4, MANY_SLICES])
 def test_torch_apply_both_strategies(case, strategy, dtype):
@@ -200,3 +200,104 @@ def test_apply_without_validation_matches(case):
     ops.lora_apply(case.y, case.x, case.lora_a, case.lora_b, case.slot_ranks, case.slot_scales, case.meta,
                    case.slice_sizes, validate=False)
     assert_close(case.y, expected, torch.float32)
+
+
+# ------------------------------------------------------------------------------------------- per-slice outputs
+def _sliced_outputs(c):
+    """One separate (T, N_s) tensor per slice (its own allocation, -0.0 planted), holding c.y's values."""
+    outs, off = [], 0
+    for n in c.slice_sizes:
+        t = c.y[:, off : off + n].clone().contiguous()
+        t[:, ::3] = -0.0
+        outs.append(t)
+        off += n
+    return outs
+
+
+@pytest.mark.parametrize("strategy", ["auto", "gather", "runs", "dense"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("case", [1, 2, 3, MANY_SLICES])
+def test_apply_into_per_slice_outputs(case, strategy, dtype):
+    """``y`` as a list of per-slice outputs (the q / k / v projections' own outputs): each slice's delta lands in
+    its own tensor, equal to the reference; rows without an adapter keep their bits in every output."""
+    c = make_case(seed=40 + case, dtype=dtype, **CASES[case])
+    outs = _sliced_outputs(c)
+    y = torch.cat(outs, dim=1)
+    expected = lora_apply_ref(y.double(), c.x.double(), c.lora_a.double(), c.lora_b.double(), c.token_slots,
+                              c.token_weights, c.slot_ranks, c.slot_scales, c.slice_sizes)
+    before = [t.clone() for t in outs]
+    got = ops.lora_apply(outs, c.x, c.lora_a, c.lora_b, c.slot_ranks, c.slot_scales, c.meta, c.slice_sizes,
+                         backend="torch", strategy=strategy)
+    assert got is outs
+    assert_close(torch.cat(outs, dim=1), expected, dtype, msg=f"case {case}/{strategy}")
+    untouched = (c.token_slots < 0).all(dim=1)
+    for s, (t, t0) in enumerate(zip(outs, before)):
+        assert_bitwise_equal(t[untouched], t0[untouched], msg=f"slice {s}: rows without adapter")
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("case", [1, MANY_SLICES])
+def test_apply_into_per_slice_outputs_triton(case):
+    c = make_case(seed=50 + case, **CASES[case])
+    outs = _sliced_outputs(c)
+    y = torch.cat(outs, dim=1)
+    expected = lora_apply_ref(y.double(), c.x.double(), c.lora_a.double(), c.lora_b.double(), c.token_slots,
+                              c.token_weights, c.slot_ranks, c.slot_scales, c.slice_sizes)
+    before = [t.clone() for t in outs]
+    ops.lora_apply(outs, c.x, c.lora_a, c.lora_b, c.slot_ranks, c.slot_scales, c.meta, c.slice_sizes,
+                   backend="triton")
+    assert_close(torch.cat(outs, dim=1), expected, torch.float32)
+    untouched = (c.token_slots < 0).all(dim=1)
+    for t, t0 in zip(outs, before):
+        assert_bitwise_equal(t[untouched], t0[untouched])
+
+
+@pytest.mark.parametrize("bad,arg", [
+    (lambda outs: outs[:-1], "y"),
+    (lambda outs: [outs[0], outs[1][:, :-1], *outs[2:]], "y[1]"),
+    (lambda outs: [outs[0].double(), *outs[1:]], "y[0]"),
+    (lambda outs: [outs[0][:-1], *outs[1:]], "y[0]"),
+    (lambda outs: [outs[0].t().contiguous().t(), *outs[1:]], "y[0]"),
+])
+def test_per_slice_outputs_bad_input(bad, arg):
+    c = make_case(T=6, h_in=8, slice_sizes=(4, 2, 3), ranks=(2, 1), max_rank=2)
+    outs = bad(_sliced_outputs(c))
+    with pytest.raises(ValueError, match=rf"^{arg.replace('[', '.').replace(']', '.')}"):
+        ops.lora_apply(outs, c.x, c.lora_a, c.lora_b, c.slot_ranks, c.slot_scales, c.meta, c.slice_sizes)
+
+
+def test_auto_takes_the_dense_strategy_for_decode(monkeypatch):
+    """``auto`` on fp32: decode-sized calls take the dense matmuls (no per-call weight gather), prefill-sized calls
+    with few adapters the per-run loop."""
+    from pllm_kernels.torch_ops import lora as tl
+
+    taken = []
+    real = tl._apply_dense
+    monkeypatch.setattr(tl, "_apply_dense", lambda *a, **k: taken.append(1) or real(*a, **k))
+    c = make_case(T=8, h_in=64, slice_sizes=(16, 8), ranks=(8, 4, 8, 2), max_rank=8, none_frac=0.0, seed=3)
+    ops.lora_apply(c.y, c.x, c.lora_a, c.lora_b, c.slot_ranks, c.slot_scales, c.meta, c.slice_sizes)
+    assert taken == [1]
+    c = make_case(T=400, h_in=64, slice_sizes=(16,), ranks=(8, 4), max_rank=8, seed=4)
+    ops.lora_apply(c.y, c.x, c.lora_a, c.lora_b, c.slot_ranks, c.slot_scales, c.meta, c.slice_sizes)
+    assert taken == [1], "a 400-token call took the dense strategy"
+
+
+def test_dense_sees_slot_reloads():
+    """The dense strategy caches B transposed per buffer: a slot rewritten in place (the store loading another
+    adapter) must be seen by the next call."""
+    c = make_case(T=4, h_in=16, slice_sizes=(8,), ranks=(4, 4), max_rank=4, none_frac=0.0, seed=5)
+    y0 = c.y.clone()
+    ops.lora_apply(c.y, c.x, c.lora_a, c.lora_b, c.slot_ranks, c.slot_scales, c.meta, c.slice_sizes,
+                   strategy="dense")
+    c.lora_b[0].normal_()
+    c.slot_ranks[1] = 2
+    c.y.copy_(y0)
+    ops.lora_apply(c.y, c.x, c.lora_a, c.lora_b, c.slot_ranks, c.slot_scales, c.meta, c.slice_sizes,
+                   strategy="dense")
+    assert_close(c.y, ref_apply(make_case_like(c, y0)), torch.float32)
+
+
+def make_case_like(c, y):
+    from dataclasses import replace
+
+    return replace(c, y=y.clone())

@@ -11,7 +11,7 @@ from utils import assert_close
 from pllm_kernels.ops import lora as ops
 from pllm_kernels.reference.lora import lora_apply_ref
 
-BACKENDS = [("torch", "gather"), ("torch", "runs"),
+BACKENDS = [("torch", "gather"), ("torch", "runs"), ("torch", "dense"),
             pytest.param(("triton", "auto"), marks=pytest.mark.interpreter)]
 
 

@@ -69,7 +69,7 @@ POISONS = [float("nan"), float("inf"), -float("inf")]
 
 
 @pytest.mark.parametrize("poison", POISONS, ids=["nan", "inf", "-inf"])
-@pytest.mark.parametrize("strategy", ["gather", "runs"])
+@pytest.mark.parametrize("strategy", ["gather", "runs", "dense"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.float64])
 def test_torch_apply_isolated(strategy, dtype, poison):
     c = _case(dtype, poison)
