@@ -25,8 +25,14 @@ Kernels (all accumulate in fp32; stacked weights + index arithmetic, no pointer 
   summed in registers (one deterministic read-modify-write of y), v kept in fp32.
 * ``_lora_fused_kernel``  shrink + expand in one kernel for small token counts (vLLM PR #38432 idea): one
   program per (token, N split); it computes v for all K slots and S slices into registers (v never leaves
-  them), then streams its share of B tiles. Each program re-reads A (from L2), which bounds its use to
+  them, held slice-major so each slice's B rows are one contiguous run), then streams its share of B tiles. Each program re-reads A (from L2), which bounds its use to
   small ``T`` (see :func:`choose_path`).
+
+**LoRA-B loads** (every expand-type kernel): B is ``(N, R)`` with the rank contiguous, so a B tile is read along
+the rank. Its load mask uses only a bound the compiler can see is a multiple of 8 (``ceil8(rank)`` inside the
+buffer, ``VEC_R``), so the loads are 16 bytes wide (``ld.global.v4`` / 16-byte ``cp.async``, checked by
+tests/triton/test_lora_aot.py); entries past the slot's rank are then zeroed with ``tl.where`` (the buffer's
+padding may hold anything, NaN included, and must never reach a row).
 
 Slices of different widths (GQA q/k/v) are handled by mapping a flat tile index onto (slice, tile in slice)
 through scalar tile starts (up to ``_MAX_SLICES`` per launch; more slices are launched in groups), so no tile
@@ -65,8 +71,10 @@ LORA_CONFIGS: dict[str, dict[str, int]] = {
     "shrink_bgmv": {"BLOCK_N": 32, "BLOCK_K": 128, "num_warps": 4, "num_stages": 2},
     # chunk x 128 fp32 accumulator; rank loop in steps of 16 (the minimum tl.dot K) stops at the slot rank.
     "expand_sgmv": {"BLOCK_N": 128, "BLOCK_R": 16, "num_warps": 4, "num_warps_m64": 8, "num_stages": 2},
-    # 128 output columns x 32 rank columns per step: 64 B contiguous per B row (fp16).
-    "expand_bgmv": {"BLOCK_N": 128, "BLOCK_R": 32, "num_warps": 4, "num_stages": 2},
+    # 64 output columns x 32 rank columns per step: 64 B contiguous per B row (fp16), four 16-byte loads each.
+    # (128 columns: ptxas caps the kernel at 80 registers and spills one across the rank loop.) 64 also gives
+    # twice the programs at decode sizes (T = 1: 96 programs for Llama-3-8B qkv instead of 48 on 132 SMs).
+    "expand_bgmv": {"BLOCK_N": 64, "BLOCK_R": 32, "num_warps": 4, "num_stages": 2},
     # register tiles of FUSED_TILE elements: BLOCK_K = BLOCK_N = FUSED_TILE // BLOCK_SR (>= 16),
     # BLOCK_SR = next_pow2(max_rank * S) <= FUSED_MAX_SR.
     "fused": {"FUSED_TILE": 4096, "num_warps": 4, "num_stages": 1},
@@ -93,6 +101,30 @@ def _tile_slice(j, off0, off1, off2, off3, size0, size1, size2, size3, ts1, ts2,
     size = tl.where(s == 0, size0, tl.where(s == 1, size1, tl.where(s == 2, size2, size3)))
     tstart = tl.where(s == 0, 0, tl.where(s == 1, ts1, tl.where(s == 2, ts2, ts3)))
     return s, off, size, j - tstart
+
+
+@triton.jit
+def _rank_limit(rank, VEC_R: tl.constexpr):
+    """Load bound of the rank dimension as the compiler must see it to emit 128-bit loads of B (and v).
+
+    A mask ``offs_r < rank`` with ``rank`` read from memory has unknown alignment, so B (rank contiguous) would be
+    read 2 bytes at a time. With ``VEC_R = 8`` (the launcher sets it when the buffer's rank ``R`` and the B / v row
+    strides are multiples of 8, see :func:`vec_r`) the load mask is ``offs_r < ceil8(rank)``: still inside the
+    buffer (``R`` is a multiple of 8), a multiple of 8 the compiler can see, and the rank-8 slot of an R = 64 buffer
+    still reads only 8 columns. The entries in ``[rank, ceil8(rank))`` are then zeroed with ``tl.where`` by the
+    caller (never by a multiplication: the padding beyond a slot's rank may hold NaN / inf)."""
+    if VEC_R > 1:
+        return (rank + VEC_R - 1) // VEC_R * VEC_R
+    return rank
+
+
+@triton.jit
+def _vec_stride(stride, VEC_R: tl.constexpr):
+    """``stride`` with its divisibility by ``VEC_R`` visible to the compiler (``x // 8 * 8`` is a no-op on the
+    multiples of 8 :func:`vec_r` guarantees; ``tl.multiple_of`` on a scalar argument is ignored)."""
+    if VEC_R > 1:
+        return stride // VEC_R * VEC_R
+    return stride
 
 
 @triton.jit
@@ -196,7 +228,7 @@ def _lora_expand_sgmv_kernel(
     T, num_slots, max_rank, kc, s_base,
     off0, off1, off2, off3, size0, size1, size2, size3, ts1, ts2, ts3,
     syt, syn, sv0, sv1, sv2, sb0, sb1, sb2, swt, swk, sp, sg0, sg1,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, VEC_R: tl.constexpr,
 ):
     """SGMV expand of k column ``kc``. Grid ``(G chunks, total N tiles of the slice group)``."""
     g = tl.program_id(0)
@@ -208,6 +240,9 @@ def _lora_expand_sgmv_kernel(
     rank = tl.minimum(tl.maximum(tl.load(ranks_ptr + slot).to(tl.int32), 0), max_rank)
     if rank == 0:
         return
+    r_lim = _rank_limit(rank, VEC_R)
+    sb0, sb1 = _vec_stride(sb0, VEC_R), _vec_stride(sb1, VEC_R)
+    sv0, sv1 = _vec_stride(sv0, VEC_R), _vec_stride(sv1, VEC_R)
     s, off, size, jt = _tile_slice(j, off0, off1, off2, off3, size0, size1, size2, size3, ts1, ts2, ts3)
     start = tl.load(seg_start_ptr + seg)
     length = tl.load(seg_len_ptr + seg)
@@ -229,9 +264,12 @@ def _lora_expand_sgmv_kernel(
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for i0 in range(0, rank, BLOCK_R):
         offs_r = i0 + tl.arange(0, BLOCK_R)
+        r_in = offs_r < r_lim  # vectorizable bound (see _rank_limit); tl.where below zeroes ranks >= the slot's
         r_ok = offs_r < rank
-        vt = tl.load(v_rows[:, None] + offs_r[None, :] * sv2, mask=m_ok[:, None] & r_ok[None, :], other=0.0)
-        bt = tl.load(b_cols[None, :] + offs_r[:, None] * sb2, mask=r_ok[:, None] & n_ok[None, :], other=0.0)
+        vt = tl.load(v_rows[:, None] + offs_r[None, :] * sv2, mask=m_ok[:, None] & r_in[None, :], other=0.0)
+        vt = tl.where(r_ok[None, :], vt, tl.zeros_like(vt))
+        bt = tl.load(b_cols[None, :] + offs_r[:, None] * sb2, mask=r_in[:, None] & n_ok[None, :], other=0.0)
+        bt = tl.where(r_ok[:, None], bt, tl.zeros_like(bt))
         if bt.dtype == tl.float32:
             acc = tl.dot(vt, bt, acc, input_precision="ieee")
         else:  # v stays fp32-accurate on tensor cores: v = hi + lo, both in the weights' dtype (2 MMAs, not 1)
@@ -251,11 +289,13 @@ def _lora_expand_bgmv_kernel(
     T, K, num_slots, max_rank, s_base,
     off0, off1, off2, off3, size0, size1, size2, size3, ts1, ts2, ts3,
     syt, syn, sv0, sv1, sv2, sb0, sb1, sb2, sst, ssk, swt, swk,
-    BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, VEC_R: tl.constexpr,
 ):
     """BGMV expand. Grid ``(T, total N tiles)``; the K slots of the token are summed before one y update."""
     t = tl.program_id(0)
     j = tl.program_id(1)
+    sb0, sb1 = _vec_stride(sb0, VEC_R), _vec_stride(sb1, VEC_R)
+    sv0, sv1 = _vec_stride(sv0, VEC_R), _vec_stride(sv1, VEC_R)
     s, off, size, jt = _tile_slice(j, off0, off1, off2, off3, size0, size1, size2, size3, ts1, ts2, ts3)
     offs_n = jt * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < size
@@ -269,15 +309,19 @@ def _lora_expand_bgmv_kernel(
         slot = tl.where(ok, slot, 0)
         rank = tl.minimum(tl.maximum(tl.load(ranks_ptr + slot).to(tl.int32), 0), max_rank)
         rank = tl.where(ok, rank, 0)
+        r_lim = _rank_limit(rank, VEC_R)
         coef = tl.load(w_ptr + t * swt + kc * swk) * tl.load(scales_ptr + slot)
         v_row = v_ptr + (s_base + s).to(tl.int64) * sv0 + (kc * T + t).to(tl.int64) * sv1
         b_cols = b_ptr + slot.to(tl.int64) * sb0 + cols.to(tl.int64) * sb1
         for i0 in range(0, rank, BLOCK_R):
             offs_r = i0 + tl.arange(0, BLOCK_R)
+            r_in = offs_r < r_lim  # vectorizable bound (see _rank_limit); tl.where zeroes ranks >= the slot's
             r_ok = offs_r < rank
-            vv = tl.load(v_row + offs_r * sv2, mask=r_ok, other=0.0)
-            bt = tl.load(b_cols[:, None] + offs_r[None, :] * sb2, mask=n_ok[:, None] & r_ok[None, :], other=0.0)
-            acc += bt.to(tl.float32) * (vv * coef)[None, :]
+            vv = tl.load(v_row + offs_r * sv2, mask=r_in, other=0.0)
+            vv = tl.where(r_ok, vv * coef, 0.0)
+            bt = tl.load(b_cols[:, None] + offs_r[None, :] * sb2, mask=n_ok[:, None] & r_in[None, :], other=0.0)
+            bt = tl.where(r_ok[None, :], bt, tl.zeros_like(bt))
+            acc += bt.to(tl.float32) * vv[None, :]
     if touched == 0:
         return
     delta = tl.sum(acc, axis=1)
@@ -292,16 +336,20 @@ def _lora_fused_kernel(
     T, H, num_slots, max_rank, n_split, total_tiles,
     off0, off1, off2, off3, size0, size1, size2, size3, ts1, ts2, ts3,
     sxt, sxh, sa0, sa1, sa2, sa3, syt, syn, sb0, sb1, sb2, sst, ssk, swt, swk,
-    S: tl.constexpr, K: tl.constexpr, K_PAD: tl.constexpr, BLOCK_SR: tl.constexpr,
-    BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
+    S: tl.constexpr, K: tl.constexpr, K_PAD: tl.constexpr, S_PAD: tl.constexpr, R_PAD: tl.constexpr,
+    BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, VEC_R: tl.constexpr,
 ):
-    """Fused shrink+expand. Grid ``(T, n_split)``: v (K, R*S) stays in fp32 registers; program ``pid1`` owns
-    N tiles ``pid1, pid1 + n_split, ...`` of all slices."""
+    """Fused shrink+expand. Grid ``(T, n_split)``: v ``(K, S, R)`` stays in fp32 registers; program ``pid1`` owns
+    the flat N tiles ``pid1, pid1 + n_split, ...`` (slice by slice).
+
+    v is held slice-major (``j = s * R_PAD + i``) so that the expand of slice ``s`` reads B rows ``[0, R_PAD)`` of
+    its columns as one contiguous, 128-bit vectorizable run (rank-major would interleave the slices)."""
     t = tl.program_id(0)
     pid1 = tl.program_id(1)
-    offs_j = tl.arange(0, BLOCK_SR)  # combined (rank row i = j // S, slice s = j % S)
-    s_of_j = offs_j % S
-    i_of_j = offs_j // S
+    BLOCK_SR: tl.constexpr = S_PAD * R_PAD
+    offs_j = tl.arange(0, BLOCK_SR)  # combined (slice s = j // R_PAD, rank row i = j % R_PAD)
+    s_of_j = offs_j // R_PAD
+    i_of_j = offs_j % R_PAD
     k_ids = tl.arange(0, K_PAD)
     x_row = x_ptr + t.to(tl.int64) * sxt
     vmat = tl.zeros((K_PAD, BLOCK_SR), dtype=tl.float32)
@@ -312,7 +360,7 @@ def _lora_fused_kernel(
         touched += ok.to(tl.int32)
         slot = tl.where(ok, slot, 0)
         rank = tl.where(ok, tl.minimum(tl.maximum(tl.load(ranks_ptr + slot).to(tl.int32), 0), max_rank), 0)
-        j_ok = offs_j < rank * S
+        j_ok = (i_of_j < rank) & (s_of_j < S)
         a_rows = a_ptr + slot.to(tl.int64) * sa0 + s_of_j * sa1 + i_of_j * sa2
         part = tl.zeros((BLOCK_SR, BLOCK_K), dtype=tl.float32)
         for h0 in range(0, tl.where(rank > 0, H, 0), BLOCK_K):
@@ -325,27 +373,37 @@ def _lora_fused_kernel(
         vmat = tl.where(k_ids[:, None] == kc, v[None, :], vmat)
     if touched == 0:
         return
-    for j in range(pid1, total_tiles, n_split):
-        s, off, size, jt = _tile_slice(j, off0, off1, off2, off3, size0, size1, size2, size3, ts1, ts2, ts3)
-        offs_n = jt * BLOCK_N + tl.arange(0, BLOCK_N)
-        n_ok = offs_n < size
-        cols = off + offs_n
-        acc = tl.zeros((BLOCK_N, BLOCK_SR), dtype=tl.float32)
-        for kc in tl.static_range(K):
-            slot = tl.load(slots_ptr + t * sst + kc * ssk)
-            ok = (slot >= 0) & (slot < num_slots)
-            slot = tl.where(ok, slot, 0)
-            rank = tl.where(ok, tl.minimum(tl.maximum(tl.load(ranks_ptr + slot).to(tl.int32), 0), max_rank), 0)
-            coef = tl.load(w_ptr + t * swt + kc * swk) * tl.load(scales_ptr + slot)
-            v = tl.sum(tl.where(k_ids[:, None] == kc, vmat, 0.0), axis=0) * coef
-            jm = (s_of_j == s) & (offs_j < rank * S)
-            b_ptrs = b_ptr + slot.to(tl.int64) * sb0 + cols.to(tl.int64)[:, None] * sb1 + (i_of_j * sb2)[None, :]
-            bt = tl.load(b_ptrs, mask=n_ok[:, None] & jm[None, :], other=0.0)
-            acc += bt.to(tl.float32) * v[None, :]
-        delta = tl.sum(acc, axis=1)
-        y_ptrs = y_ptr + t.to(tl.int64) * syt + cols * syn
-        yv = tl.load(y_ptrs, mask=n_ok, other=0.0)
-        tl.store(y_ptrs, (yv.to(tl.float32) + delta).to(yv.dtype), mask=n_ok)
+    offs_i = tl.arange(0, R_PAD)
+    sb0, sb1 = _vec_stride(sb0, VEC_R), _vec_stride(sb1, VEC_R)
+    for s in tl.static_range(S):
+        off = off0 if s == 0 else (off1 if s == 1 else (off2 if s == 2 else off3))
+        size = size0 if s == 0 else (size1 if s == 1 else (size2 if s == 2 else size3))
+        ts = 0 if s == 0 else (ts1 if s == 1 else (ts2 if s == 2 else ts3))
+        # v of slice s for every k slot: (K_PAD, R_PAD)
+        vks = tl.sum(tl.reshape(tl.where(s_of_j[None, :] == s, vmat, 0.0), (K_PAD, S_PAD, R_PAD)), axis=1)
+        first = ts + (pid1 - ts % n_split + n_split) % n_split  # first flat tile >= ts owned by this program
+        for j in range(first, ts + tl.cdiv(size, BLOCK_N), n_split):
+            offs_n = (j - ts) * BLOCK_N + tl.arange(0, BLOCK_N)
+            n_ok = offs_n < size
+            cols = off + offs_n
+            acc = tl.zeros((BLOCK_N, R_PAD), dtype=tl.float32)
+            for kc in tl.static_range(K):
+                slot = tl.load(slots_ptr + t * sst + kc * ssk)
+                ok = (slot >= 0) & (slot < num_slots)
+                slot = tl.where(ok, slot, 0)
+                rank = tl.where(ok, tl.minimum(tl.maximum(tl.load(ranks_ptr + slot).to(tl.int32), 0), max_rank), 0)
+                r_lim = _rank_limit(rank, VEC_R)
+                coef = tl.where(ok, tl.load(w_ptr + t * swt + kc * swk) * tl.load(scales_ptr + slot), 0.0)
+                r_ok = offs_i < rank
+                vk = tl.where(r_ok, tl.sum(tl.where(k_ids[:, None] == kc, vks, 0.0), axis=0) * coef, 0.0)
+                b_ptrs = b_ptr + slot.to(tl.int64) * sb0 + cols.to(tl.int64)[:, None] * sb1 + (offs_i * sb2)[None, :]
+                bt = tl.load(b_ptrs, mask=n_ok[:, None] & (offs_i < r_lim)[None, :], other=0.0)
+                bt = tl.where(r_ok[None, :], bt, tl.zeros_like(bt))
+                acc += bt.to(tl.float32) * vk[None, :]
+            delta = tl.sum(acc, axis=1)
+            y_ptrs = y_ptr + t.to(tl.int64) * syt + cols * syn
+            yv = tl.load(y_ptrs, mask=n_ok, other=0.0)
+            tl.store(y_ptrs, (yv.to(tl.float32) + delta).to(yv.dtype), mask=n_ok)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -369,10 +427,15 @@ def sgmv_block_m(chunk: int) -> int:
 
 
 def fused_blocks(max_rank: int, num_slices: int) -> dict[str, int]:
-    """Register-tile sizes of the fused kernel for a (max_rank, S) buffer."""
+    """Register-tile sizes of the fused kernel for a (max_rank, S) buffer.
+
+    ``BLOCK_SR = next_pow2(R*S)`` is what :func:`choose_path` compares with ``FUSED_MAX_SR`` (the CUDA backend
+    applies the same rule); the kernel holds v slice-major as ``S_PAD x R_PAD`` (powers of two, ``R_PAD >= 8``
+    for 16-byte B loads), at most twice that."""
     sr = max(16, triton.next_power_of_2(max_rank * num_slices))
-    side = max(16, LORA_CONFIGS["fused"]["FUSED_TILE"] // sr)
-    return {"BLOCK_SR": sr, "BLOCK_K": side, "BLOCK_N": side}
+    s_pad, r_pad = triton.next_power_of_2(num_slices), max(8, triton.next_power_of_2(max_rank))
+    side = max(16, LORA_CONFIGS["fused"]["FUSED_TILE"] // (s_pad * r_pad))
+    return {"BLOCK_SR": sr, "S_PAD": s_pad, "R_PAD": r_pad, "BLOCK_K": side, "BLOCK_N": side}
 
 
 def split_k_for(programs: int, h_in: int, block_k: int, num_sms: int) -> int:
@@ -440,16 +503,24 @@ def _shrink_constexprs(path: str, num_slices: int, chunk: int, atomic: bool) -> 
     return c
 
 
-def _expand_constexprs(path: str, chunk: int) -> dict:
+def vec_r(max_rank: int, *strides: int) -> int:
+    """``VEC_R`` of the expand kernels: 8 when the buffer's rank and the given B / v strides are multiples of 8
+    (then the rank dimension is loaded 16 bytes at a time, see ``_rank_limit``), else 1 (element-wise loads)."""
+    return 8 if max_rank % 8 == 0 and all(int(st) % 8 == 0 for st in strides) else 1
+
+
+def _expand_constexprs(path: str, chunk: int, vec: int = 8) -> dict:
     cfg = LORA_CONFIGS["expand_" + path]
-    c = {"BLOCK_N": cfg["BLOCK_N"], "BLOCK_R": cfg["BLOCK_R"]}
+    c = {"BLOCK_N": cfg["BLOCK_N"], "BLOCK_R": cfg["BLOCK_R"], "VEC_R": vec}
     if path == "sgmv":
         c["BLOCK_M"] = sgmv_block_m(chunk)
     return c
 
 
-def _fused_constexprs(max_rank: int, num_slices: int, k: int) -> dict:
-    return {"S": num_slices, "K": k, "K_PAD": triton.next_power_of_2(k), **fused_blocks(max_rank, num_slices)}
+def _fused_constexprs(max_rank: int, num_slices: int, k: int, vec: int = 8) -> dict:
+    b = fused_blocks(max_rank, num_slices)
+    return {"S": num_slices, "K": k, "K_PAD": triton.next_power_of_2(k), "S_PAD": b["S_PAD"], "R_PAD": b["R_PAD"],
+            "BLOCK_K": b["BLOCK_K"], "BLOCK_N": b["BLOCK_N"], "VEC_R": vec}
 
 
 def _launch_opts(name: str, chunk: int = 16) -> dict:
@@ -516,6 +587,7 @@ def lora_expand_triton(
     path = choose_path(path, T * K, "expand")
     cfg = LORA_CONFIGS["expand_" + path]
     groups = slice_groups(slice_sizes, cfg["BLOCK_N"])
+    vec = vec_r(R, lora_b.stride(0), lora_b.stride(1), v.stride(0), v.stride(1))
     if path == "sgmv":
         G = seg_slot.shape[1]
         for kc in range(K):
@@ -525,7 +597,7 @@ def lora_expand_triton(
                     T, L, R, kc, s_base, *sl,
                     *y.stride(), *v.stride(), *lora_b.stride(), *token_weights.stride(), sorted_pairs.stride(0),
                     *seg_slot.stride(),
-                    **_expand_constexprs("sgmv", chunk), **_launch_opts("expand_sgmv", chunk),
+                    **_expand_constexprs("sgmv", chunk, vec), **_launch_opts("expand_sgmv", chunk),
                 )
     else:
         for s_base, sl, tiles in groups:
@@ -533,7 +605,7 @@ def lora_expand_triton(
                 y, v, lora_b, slot_ranks, slot_scales, token_slots, token_weights,
                 T, K, L, R, s_base, *sl,
                 *y.stride(), *v.stride(), *lora_b.stride(), *token_slots.stride(), *token_weights.stride(),
-                **_expand_constexprs("bgmv", chunk), **_launch_opts("expand_bgmv"),
+                **_expand_constexprs("bgmv", chunk, vec), **_launch_opts("expand_bgmv"),
             )
 
 
@@ -570,7 +642,7 @@ def lora_apply_triton(
         T, H, L, R, n_split, tiles, *sl,
         x.stride(0), x.stride(1), *lora_a.stride(), *y.stride(), *lora_b.stride(), *token_slots.stride(),
         *token_weights.stride(),
-        **_fused_constexprs(R, S, K), **_launch_opts("fused"),
+        **_fused_constexprs(R, S, K, vec_r(R, lora_b.stride(0), lora_b.stride(1))), **_launch_opts("fused"),
     )
 
 

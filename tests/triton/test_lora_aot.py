@@ -26,6 +26,8 @@ ARCHS = (80, 90)
 DTYPES = ("fp16", "bf16")
 SCRIPT = Path(__file__).with_name("aot_compile.py")
 MMA_KERNELS = ("shrink_sgmv", "expand_sgmv")  # tensor-core kernels; bgmv/fused are M = 1 FMA kernels
+EXPAND_KERNELS = ("expand_sgmv", "expand_bgmv", "fused")  # the kernels that read LoRA-B
+WIDE_LOADS = {"ld.global.v4.b32", "ld.global.nc.v4.b32", "cp.async.16"}  # 128-bit global loads (cp.async: bytes)
 
 
 @pytest.fixture(scope="module")
@@ -67,6 +69,33 @@ def test_tensor_cores_in_matmul_kernels(aot_results):
             assert r["mma"] or r["wgmma"], r
 
 
+def test_lora_b_loads_are_128_bit(aot_results):
+    """Every global load of LoRA-B in every expand-type kernel is 16 bytes wide (``ld.global.v4.b32``, or a 16-byte
+    ``cp.async`` where the SGMV pipeline stages B in shared memory): no 2-byte loads along the rank dimension.
+
+    ``ptr_loads`` attributes each PTX load to the pointer argument its address is computed from (taint analysis
+    in aot_compile.py), so y's 2-byte loads (one column per thread after the rank reduction) do not count. Fails on
+    the kernels before the rank-mask change (B read with ``ld.global.b16``: the mask came from memory)."""
+    seen = 0
+    for r in aot_results:
+        if not r["name"].startswith(EXPAND_KERNELS):
+            continue
+        b = r["ptr_loads"].get("b_ptr", {})
+        assert b, f"no load of b_ptr found in {r['name']} sm_{r['arch']} {r['dtype']}: {r['ptr_loads']}"
+        assert set(b) <= WIDE_LOADS, f"{r['name']} sm_{r['arch']} {r['dtype']}: B loads {b}"
+        seen += 1
+    assert seen == len(ARCHS) * len(DTYPES) * sum(
+        1 for v in tl_lora.aot_variants("fp16") if v[0].startswith(EXPAND_KERNELS))
+
+
+def test_bgmv_v_loads_are_128_bit(aot_results):
+    """The BGMV expand reads its fp32 v row along the rank with the same vectorizable bound: 16-byte loads."""
+    for r in aot_results:
+        if r["name"].startswith("expand_bgmv"):
+            v = r["ptr_loads"].get("v_ptr", {})
+            assert v and set(v) <= WIDE_LOADS, (r["name"], r["arch"], r["dtype"], v)
+
+
 def test_production_configs_are_dot_legal():
     for chunk in tl_lora.SGMV_CHUNKS:
         assert tl_lora.sgmv_block_m(chunk) == chunk  # BLOCK_M is the chunk: no masked tensor-core rows
@@ -74,3 +103,31 @@ def test_production_configs_are_dot_legal():
     for rank, s in ((1, 1), (16, 3), (64, 3), (64, 4)):
         b = tl_lora.fused_blocks(rank, s)
         assert b["BLOCK_SR"] >= rank * s and b["BLOCK_K"] >= 16
+
+
+def test_ptr_loads_attributes_loads_to_their_pointer():
+    """The taint analysis behind ``ptr_loads`` on a hand-written PTX fragment: a 16-byte load through an address
+    computed from parameter 1 (b_ptr), a 2-byte load from parameter 0 (y_ptr) whose offset came from a load of
+    parameter 2, a loop-carried address, and a cp.async copy."""
+    sys.path.insert(0, str(SCRIPT.parent))
+    from aot_compile import ptr_loads
+
+    ptx = """
+    ld.param.b64 %rd1, [k_param_0];
+    ld.param.b64 %rd2, [k_param_1];
+    ld.param.b64 %rd3, [k_param_2];
+    .loc 1 2 3 // comment ; with a semicolon
+    ld.global.b32 { %r1 }, [ %rd3 + 0 ];
+    mad.wide.s32 %rd4, %r1, 2, %rd1;
+    @%p1 ld.global.b16 { %rs1 }, [ %rd4 + 0 ];
+    mov.u64 %rd6, %rd2;
+$L__BB0_1:
+    add.s64 %rd5, %rd6, 16;
+    @%p2 ld.global.v4.b32 { %r2, %r3, %r4, %r5 }, [ %rd5 + 0 ];
+    mov.u64 %rd6, %rd5;
+    cp.async.cg.shared.global [ %r9 + 0 ], [ %rd5 + 0 ], 0x10, %r10;
+    cp.async.wait_group 0;
+    """
+    sig = {"y_ptr": "*fp16", "b_ptr": "*fp16", "slots_ptr": "*i32", "BLOCK": "constexpr"}
+    assert ptr_loads(ptx, sig) == {"slots_ptr": {"ld.global.b32": 1}, "y_ptr": {"ld.global.b16": 1},
+                                   "b_ptr": {"ld.global.v4.b32": 1, "cp.async.16": 1}}
