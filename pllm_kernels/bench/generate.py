@@ -70,7 +70,7 @@ def _profile(args):
     if getattr(args, "profile", None) == "cpu-issue":
         return dict(model=ISSUE_MODEL, users=[8], prompt=64, jitter=1, new=32, reps=5, dtype=torch.float32,
                     device="cpu", gpu=False, rank=16, alpha=32, threads=2, stat="median", backends=ALL_BACKENDS,
-                    targets=ISSUE_TARGETS)
+                    targets=ISSUE_TARGETS, roofline=True)
     if args.smoke:
         return dict(model=SMOKE_MODEL, users=[4], prompt=8, new=8, reps=3, dtype=torch.float32, device="cpu",
                     gpu=False)
@@ -143,6 +143,8 @@ class Contenders:
     peft_model: object
     gens: dict[str, Callable] = field(default_factory=dict)
     pm: object = None
+    base_bytes: int = 0  # weights a decode step reads (every parameter but the input embedding)
+    adapter_bytes: int = 0  # every user's LoRA weights (all read by a step of the mixed batch)
 
     def close(self) -> None:
         if self.pm is not None:
@@ -164,6 +166,9 @@ def build_contenders(prof, n_users: int, backends) -> Contenders:
     ids, mask = left_padded_batch([prof["prompt"] - (i % jitter) for i in range(n_users)], base.config.vocab_size,
                                   seed=2, device=prof["device"])
     c = Contenders(users, ids, mask, peft_model)
+    c.base_bytes = sum(p.numel() * p.element_size() for n, p in base.named_parameters() if "embed_tokens" not in n)
+    c.adapter_bytes = sum(t.numel() * t.element_size() for u in users for k, t in sds[u][0].items()
+                          if "lora_" in k)
     if "base" in backends:  # an identical, separate copy (same config and seed), never patched
         plain = build_base(prof)
         c.gens["base"] = lambda i, m, kw: plain.generate(input_ids=i, attention_mask=m, **kw)
@@ -298,6 +303,19 @@ def run_case(prof, n_users: int, backends, verbose=True) -> list[dict]:
     method = (f"perf_counter(median of {prof['reps']} rounds, round-robin)" if stat == "median"
               else "perf_counter(best of reps)")
     targets = prof.get("targets") or {}
+    bound = None
+    if prof.get("roofline") and "merged" in results and c.adapter_bytes:
+        # A mixed batch must read every user's adapter on top of the base weights: with the step memory-bound at
+        # the measured copy bandwidth, ours / merged <= t_merged / (t_merged + adapter bytes / bandwidth).
+        roof = H.measure_roofline(device)
+        t_merged = B / results["merged"]["decode"]
+        t_adapters = c.adapter_bytes / (roof["copy_gbps"] * 1e9)
+        bound = t_merged / (t_merged + t_adapters)
+        if verbose:
+            print(f"  roofline: adapters {c.adapter_bytes / 2**20:.1f} MiB per step = {c.adapter_bytes / c.base_bytes:.0%} "
+                  f"of the base weights ({c.base_bytes / 2**20:.1f} MiB); copy bandwidth {roof['copy_gbps']:.1f} GB/s "
+                  f"-> {t_adapters * 1e3:.2f} ms per step at best; merged step {t_merged * 1e3:.2f} ms; "
+                  f"ours / merged <= {bound:.2f} when memory-bound")
     rows = []
     for name, r in results.items():
         row = dict(bench="generate", case=f"users={n_users}", backend=name, kind=_kind(name), users=n_users, batch=B,
@@ -312,6 +330,8 @@ def run_case(prof, n_users: int, backends, verbose=True) -> list[dict]:
         for other in ("peft_mixed", "merged", "base"):
             if other in results and other != name:
                 row[f"ratio_vs_{other}"] = r["decode"] / results[other]["decode"]
+        if bound is not None and name == "ours":
+            row.update(bandwidth_bound_vs_merged=bound, adapter_bytes=c.adapter_bytes, base_bytes=c.base_bytes)
         for (num, den), target in targets.items():
             if num == name and den in results:
                 row[f"e2e_ratio_vs_{den}"] = r["e2e"] / results[den]["e2e"]
