@@ -12,8 +12,11 @@
 Each call resolves its users into a :class:`pllm_kernels.batch.BatchPlan` (the adapter slots it needs are pinned
 until the call returns). A forward pre-hook on the model builds the :class:`pllm_kernels.batch.PersonalBatch` once
 per forward (prefill and every decode step of ``generate``) from that plan and the current tokens' attention mask;
-the patched layers only read it. Rows follow the same order through the KV-cache decode steps, so per-row routing
-holds for the whole generation.
+the patched layers only read it; a decode step (one token per row) reuses the routing its call built for the
+first decode step (a fresh ``PersonalBatch`` each forward all the same). Rows follow the same order through the
+KV-cache decode steps, so per-row routing holds for the whole generation. ``generate(..., decode="static" |
+"graph" | "compile")`` runs our own loop over a static KV cache and fixed buffers instead of HF's
+(:mod:`pllm_kernels.hf.static_decode`).
 
 Concurrency contract: ``forward`` / ``generate`` may be called from several threads on one patched model. Each
 call's plan and batches are private to its thread (context variables), slot acquisition is atomic, and slots used
@@ -81,7 +84,15 @@ class PersonalizedModel(nn.Module):
 
     # ---------------------------------------------------------------------------------------- hooks
     def _pre_hook(self, module, args, kwargs):
+        if torch.compiler.is_compiling():  # compiled static decode: the layers read ForwardContext.compiled's batch
+            return None
         ctx = self.context
+        if ctx.pinned_batch is not None:  # static decoding pushes its prebuilt batch (fresh scratch per forward)
+            found = _batch_input(args, kwargs)
+            if found is None:
+                raise RuntimeError("personalized forward needs input_ids (B, S) or inputs_embeds (B, S, H)")
+            ctx.begin(int(found[1].shape[0]), int(found[1].shape[1]))
+            return None
         plan = ctx.plan
         if plan is None or not (plan.active_slots or plan.steering is not None):
             ctx.begin(0, 0)  # pushes "no batch" for this forward
@@ -105,6 +116,8 @@ class PersonalizedModel(nn.Module):
         return None
 
     def _post_hook(self, module, args, output):
+        if torch.compiler.is_compiling():
+            return None
         self.context.end()
         return None
 
@@ -246,18 +259,45 @@ class PersonalizedModel(nn.Module):
             self._position_ids(x, attention_mask, kwargs)
             return self.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
 
-    def generate(self, input_ids=None, attention_mask=None, users: Sequence[str | None] | None = None, **kwargs):
+    def generate(self, input_ids=None, attention_mask=None, users: Sequence[str | None] | None = None,
+                 decode: str = "eager", **kwargs):
         """``model.generate`` with per-row users: left padding, KV cache, greedy or sampling.
+
+        ``decode``: ``"eager"`` (HF's ``generate``), ``"static"`` (our loop over a static KV cache and fixed input
+        and routing buffers, run eagerly), ``"graph"`` (that loop with the decode step captured as a CUDA graph per
+        batch-size bucket, replayed across steps and calls) or ``"compile"`` (the static step under
+        ``torch.compile``); see :mod:`pllm_kernels.hf.static_decode` for what the static modes serve.
 
         Returns prompt + new tokens, like ``model.generate(input_ids)``; with soft prompts in the batch, only the
         new tokens (the model runs from ``inputs_embeds``, as HF's generate does)."""
+        from pllm_kernels.hf.static_decode import DECODE_MODES, static_generate
+
+        if decode not in DECODE_MODES:
+            raise ValueError(f"decode must be one of {', '.join(map(repr, DECODE_MODES))}, got {decode!r}")
         self._check_rows(users, input_ids if input_ids is not None else kwargs.get("inputs_embeds"))
         with self.users(users):
             plan = self.context.plan
+            if decode != "eager":
+                return static_generate(self, input_ids, attention_mask, plan, decode, kwargs)
             if plan is not None and plan.soft_prompts is not None:
                 embeds, mask, _, _ = self._splice(plan, input_ids, attention_mask, kwargs)
                 return self.model.generate(inputs_embeds=embeds, attention_mask=mask, **kwargs)
             return self.model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+
+    def static_decode_stats(self) -> dict:
+        """Counters of the static decode paths (all calls together): ``calls``, ``captures`` (CUDA graphs
+        captured), ``replays``, ``compiles`` (compiled steps made), ``runners`` (cached static states now)."""
+        from pllm_kernels.hf.static_decode import _state
+
+        pool, stats = _state(self)
+        return {**stats, "runners": pool.count()}
+
+    def clear_static_decode(self) -> int:
+        """Free the cached static decode states (KV caches, buffers, CUDA graphs, compiled steps) not in use;
+        returns how many were freed."""
+        from pllm_kernels.hf.static_decode import _state
+
+        return _state(self)[0].clear()
 
     # ------------------------------------------------------------------------------------- soft prompts
     def _splice(self, plan, input_ids, attention_mask, kwargs):
@@ -469,5 +509,8 @@ def unpatch_model(model_or_pm) -> nn.Module:
             setattr(host, attr, base)
     pm.steering_points["norms"].clear()
     pm.patched.clear()
+    pool = pm.__dict__.pop("_static_pool", None)  # static decode states hold the patched model's tensors
+    if pool is not None:
+        pool.clear()
     model.__dict__.pop(_ATTR, None)
     return model
