@@ -7,7 +7,9 @@ Steps, each with its own timeout inside the overall budget (default 480 s, leavi
 each logged to ``OUT/logs/<step>.log``:
 
 1. build     ``PLLM_REQUIRE_CUDA_EXT=1 python setup.py build_ext --inplace``
-2. gpu_tests ``pytest -m gpu -q`` (junit xml ``OUT/junit_gpu.xml``)
+2. gpu_tests ``pytest -m gpu -q`` (junit xml ``OUT/junit_gpu.xml``), except the static-decode tests:
+   gpu_decode ``pytest -m gpu tests/hf/test_static_decode.py`` (CUDA-graph decode replayed while users change,
+   torch.compile reduce-overhead; ``OUT/junit_gpu_decode.xml``)
 3. sanitizer ``compute-sanitizer --tool memcheck`` over ``pytest -m gpu tests/cuda`` and ``--tool racecheck`` over
              ``tests/cuda/test_lora_cuda_gpu.py -k sanitizer`` (both with ``PLLM_SANITIZER=1``: small shapes)
 4. bench_*   ``python -m pllm_kernels.bench <op> --out OUT`` for every benchmark registered in
@@ -50,6 +52,7 @@ if str(ROOT) not in sys.path:  # `python benchmarks/gpu_suite.py`: test and benc
 from pllm_kernels.bench import harness as H  # noqa: E402
 
 RESERVE_S = 25  # kept back for plots + summary
+DECODE_TESTS = "tests/hf/test_static_decode.py"  # step gpu_decode (kept out of gpu_tests)
 
 
 class Suite:
@@ -226,7 +229,8 @@ def main(argv=None) -> int:
     ap.add_argument("--dry-run", action="store_true", help="skip every GPU step; smoke benchmarks on CPU")
     ap.add_argument("--budget-s", type=float, default=float(os.environ.get("PLLM_SUITE_BUDGET_S", 480)))
     ap.add_argument("--benches", default="all", help="comma list of benchmarks, 'all' or 'none'")
-    ap.add_argument("--skip", default="", help="comma list of steps to skip: build,gpu_tests,sanitizer,plots")
+    ap.add_argument("--skip", default="",
+                    help="comma list of steps to skip: build,gpu_tests,gpu_decode,sanitizer,plots")
     ap.add_argument("--pack", default=None, metavar="DIR",
                     help="also write DIR/gpu_suite.tar.gz + DIR/summary.md (default: $OUT when set and no OUT_DIR)")
     ap.add_argument("--import", dest="import_tar", default=None, metavar="FILE",
@@ -254,7 +258,8 @@ def main(argv=None) -> int:
           f"budget {args.budget_s:.0f}s")
     if dry:
         why = "dry run (--dry-run)" if args.dry_run else "no CUDA device (torch.cuda.is_available() is False)"
-        print(f"[gpu_suite] {why}: SKIPPING the GPU steps build, gpu_tests, sanitizer; benchmarks run at smoke size")
+        print(f"[gpu_suite] {why}: SKIPPING the GPU steps build, gpu_tests, gpu_decode, sanitizer; benchmarks run "
+              "at smoke size")
 
     gpu_why = "dry run" if args.dry_run else "no CUDA device"
     # 1. build the CUDA extension
@@ -272,7 +277,19 @@ def main(argv=None) -> int:
         s.skip("gpu_tests", "--skip gpu_tests")
     else:
         rc, text = s.run("gpu_tests", [sys.executable, "-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider",
-                                       f"--junitxml={out / 'junit_gpu.xml'}"], timeout=150)
+                                       f"--ignore={DECODE_TESTS}", f"--junitxml={out / 'junit_gpu.xml'}"],
+                         timeout=150)
+        if s.steps[-1]["status"] != "TIMEOUT":
+            s.steps[-1]["detail"] = f"rc={rc}; {_pytest_line(text)}"
+    # 2b. static decoding on the GPU: CUDA-graph capture + replay with changing users, torch.compile
+    #     (reduce-overhead); its own step and timeout, since compiling the model can take a while
+    if dry:
+        s.skip("gpu_decode", gpu_why)
+    elif "gpu_decode" in skip:
+        s.skip("gpu_decode", "--skip gpu_decode")
+    else:
+        rc, text = s.run("gpu_decode", [sys.executable, "-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider",
+                                        DECODE_TESTS, f"--junitxml={out / 'junit_gpu_decode.xml'}"], timeout=120)
         if s.steps[-1]["status"] != "TIMEOUT":
             s.steps[-1]["detail"] = f"rc={rc}; {_pytest_line(text)}"
     # 3. compute-sanitizer over the CUDA tests
