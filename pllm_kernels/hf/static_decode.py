@@ -194,6 +194,12 @@ def _text_config(model):
     return get(decoder=True) if callable(get) else cfg
 
 
+def _tf_version() -> str:
+    import transformers
+
+    return transformers.__version__
+
+
 def _compute_dtype(model) -> torch.dtype:
     emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     w = getattr(emb, "weight", None)
@@ -241,6 +247,7 @@ class _Runner:
         self.graph_logits = None
         self.compiled = None
         self.busy = False
+        self.checked = False
 
     # -------------------------------------------------------------------------------- per call
     def reset(self) -> None:
@@ -294,6 +301,13 @@ class _Runner:
         cache_pos = torch.arange(S, device=self.device)
         with pm.context.pinned(batch, self.rows, S):
             out = pm.model(**self._model_kwargs(ids, mask4, pos, cache_pos, logits_to_keep=1))
+        if not self.checked:  # once per runner: this transformers version wrote the prompt where we think it did
+            seen = self.cache.get_seq_length()
+            if int(seen) != S:
+                raise RuntimeError(f"decode={self.mode!r}: after a prompt of {S} tokens the StaticCache reports "
+                                   f"{int(seen)} cached positions (transformers {_tf_version()}): the static path "
+                                   "does not know this version's cache positions; use decode='eager'")
+            self.checked = True
         # the decode mask: the prompt's keys, nothing beyond yet
         self.mask.fill_(self.min)
         self.mask[:, 0, 0, :S].masked_fill_(keep, 0.0)
@@ -443,8 +457,8 @@ def static_generate(pm, input_ids: torch.Tensor, attention_mask: torch.Tensor | 
                          f"{impl!r} does not take: load the model with attn_implementation='sdpa' or 'eager', or use "
                          "decode='eager'")
     _check_plan(plan, decode)
-    if decode == "graph":
-        _check_capturable(pm)
+    if decode == "graph" or (decode == "compile" and device.type == "cuda"):  # compile: reduce-overhead captures
+        _check_capturable(pm, decode)
     B, S = input_ids.shape
     mask2d = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(device).long()
     if mask2d.shape != input_ids.shape:
@@ -476,14 +490,14 @@ def static_generate(pm, input_ids: torch.Tensor, attention_mask: torch.Tensor | 
         pool.release(runner)
 
 
-def _check_capturable(pm) -> None:
+def _check_capturable(pm, decode: str) -> None:
     from pllm_kernels.ops._backend import default_backend
 
     torch_layers = [n for n, m in pm.patched.items() if (m.lora_backend or default_backend()) == "torch"]
     if torch_layers:
-        raise ValueError(f"decode='graph': {len(torch_layers)} patched layers (e.g. {torch_layers[0]}) use the torch "
-                         "backend, whose LoRA path reads routing on the host and cannot be captured; use "
-                         "pm.set_backend('auto') (Triton / CUDA kernels) or decode='static'")
+        raise ValueError(f"decode={decode!r}: {len(torch_layers)} patched layers (e.g. {torch_layers[0]}) use the "
+                         "torch backend, whose LoRA path reads routing on the host and cannot be captured in a CUDA "
+                         "graph; use pm.set_backend('auto') (Triton / CUDA kernels) or decode='static'")
 
 
 def _loop(runner: _Runner, input_ids, mask2d, plan, spec: _Spec, B: int, S: int, N: int) -> torch.Tensor:

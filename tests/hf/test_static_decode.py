@@ -121,8 +121,8 @@ def test_static_sampling_reproducible_and_like_generate(served, kw):
 def test_static_without_users_and_single_row(served):
     pm, ids, mask = served
     assert torch.equal(_gen(pm, ids[:1], mask[:1], ["u1"], "static"), _gen(pm, ids[:1], mask[:1], ["u1"]))
-    assert torch.equal(_gen(pm, ids[1:2], mask[1:2], ["u3"], "static", max_new_tokens=70),
-                       _gen(pm, ids[1:2], mask[1:2], ["u3"], max_new_tokens=70))  # a cache longer than 64
+    assert torch.equal(_gen(pm, ids[1:2], mask[1:2], ["u3"], "static", max_new_tokens=58),
+                       _gen(pm, ids[1:2], mask[1:2], ["u3"], max_new_tokens=58))  # 7 + 58: a cache of 128
 
 
 def test_static_threads_get_their_own_buffers(served):
@@ -207,7 +207,7 @@ def test_sliding_window_beyond_the_window_refused():
 # ------------------------------------------------------------------------------------------------ compile
 def test_compile_matches_eager_and_compiles_once(served):
     """decode="compile" on CPU (plain torch.compile of the static step, inductor): one compile for the bucket,
-    eager's tokens for two calls with other users. About 15-30 s on a 2-core CPU, most of it inductor."""
+    eager's tokens for two calls with other users. 20-35 s on a busy 2-core CPU with a cold inductor cache."""
     pm, ids, mask = served
     before = pm.static_decode_stats()["compiles"]
     t0 = time.perf_counter()
