@@ -11,8 +11,10 @@ Kernels (all accumulate in fp32; stacked weights + index arithmetic, no pointer 
   permuted. **Multi-slice**: the combined output index ``n in [0, rank*S)`` is ``(slice n % S, rank row n // S)``
   so one N tile covers all S slices and the x tile is read once for all of them (vLLM re-reads x per slice).
   N tiles at or beyond ``rank*S`` exit at once, so a rank-8 slot of an R=64 buffer does 1/8 of the work and
-  bytes (vLLM pads to max rank). **Split-K** (fp32 ``atomic_add`` into the zeroed output) when the grid would
-  not fill the GPU (SGLang #26962, Punica).
+  bytes (vLLM pads to max rank). **Split-K** when the grid would not fill the GPU (SGLang #26962, Punica),
+  sized from the grid and the SM count (:func:`split_k_for`): relaxed fp32 ``atomic_add`` into the zeroed
+  output (``sem="relaxed"``: no GPU-scope fence around each add), or, inside ``lora_apply`` on the BGMV path,
+  one partial per split that the expand sums.
 * ``_lora_shrink_bgmv_kernel``  gather (BGMV, Punica/vLLM V1 token-level): one program per (pair, N tile,
   K split), slot looked up per token, no sorting. CUDA-core FMA + reduction: M = 1 cannot use tensor cores.
 * ``_lora_expand_sgmv_kernel``  segmented expand (SGMV): one program per (chunk, N tile) of one k column,
@@ -22,11 +24,12 @@ Kernels (all accumulate in fp32; stacked weights + index arithmetic, no pointer 
   accumulation), so v keeps ~fp32 precision and a token's delta matches the BGMV / fused paths (which keep v in
   fp32) whatever path its batch takes; fp32 weights keep fp32 v with ``input_precision="ieee"``.
 * ``_lora_expand_bgmv_kernel``  gather expand for decode: one program per (token, N tile), the token's K slots
-  summed in registers (one deterministic read-modify-write of y), v kept in fp32.
+  summed in registers (one deterministic read-modify-write of y), v kept in fp32. Inside ``lora_apply`` it reads
+  the BGMV shrink's split-K partials and sums them in a fixed order (no atomics, no memset: two launches).
 * ``_lora_fused_kernel``  shrink + expand in one kernel for small token counts (vLLM PR #38432 idea): one
   program per (token, N split); it computes v for all K slots and S slices into registers (v never leaves
-  them, held slice-major so each slice's B rows are one contiguous run), then streams its share of B tiles. Each program re-reads A (from L2), which bounds its use to
-  small ``T`` (see :func:`choose_path`).
+  them, held slice-major so each slice's B rows are one contiguous run), then streams its share of B tiles.
+  Each program re-reads A (from L2), which bounds its use to small ``T`` (see :func:`choose_path`).
 
 **LoRA-B loads** (every expand-type kernel): B is ``(N, R)`` with the rank contiguous, so a B tile is read along
 the rank. Its load mask uses only a bound the compiler can see is a multiple of 8 (``ceil8(rank)`` inside the
@@ -49,6 +52,8 @@ import torch
 import triton
 import triton.language as tl
 
+from pllm_kernels.triton import lora_configs as _cfgs
+
 __all__ = [
     "LORA_CONFIGS",
     "aot_variants",
@@ -59,32 +64,17 @@ __all__ = [
 ]
 
 # ----------------------------------------------------------------------------------------------------------------
-# Production launch configurations: the ONLY source of block sizes, read by the launchers and by
-# tests/triton/test_lora_aot.py (which compiles every entry for sm_80 and sm_90).
-# SGMV kernels use BLOCK_M = the metadata chunk (16 / 32 / 64, batch.choose_chunk).
+# Launch configurations: hand-picked defaults (LORA_CONFIGS) overlaid per shape and GPU by the table in
+# lora_configs.json (see lora_configs.py). tests/triton/test_lora_aot.py compiles the defaults and every table entry
+# for sm_80 and sm_90. SGMV kernels use BLOCK_M = the metadata chunk (16 / 32 / 64, batch.choose_chunk).
 # ----------------------------------------------------------------------------------------------------------------
-LORA_CONFIGS: dict[str, dict[str, int]] = {
-    # x tile (chunk x 64) read once for all slices; rank*S <= 64 (r16 x qkv) is a single N tile.
-    # 8 warps at BLOCK_M = 64 keep the gathered-row pointers and the accumulator out of local memory.
-    "shrink_sgmv": {"BLOCK_N": 64, "BLOCK_K": 64, "num_warps": 4, "num_warps_m64": 8, "num_stages": 3},
-    # 128 contiguous h_in elements per A row = 256 B fp16 loads; 32x128 fp32 partials = 32 regs/thread.
-    "shrink_bgmv": {"BLOCK_N": 32, "BLOCK_K": 128, "num_warps": 4, "num_stages": 2},
-    # chunk x 128 fp32 accumulator; rank loop in steps of 16 (the minimum tl.dot K) stops at the slot rank.
-    "expand_sgmv": {"BLOCK_N": 128, "BLOCK_R": 16, "num_warps": 4, "num_warps_m64": 8, "num_stages": 2},
-    # 64 output columns x 32 rank columns per step: 64 B contiguous per B row (fp16), four 16-byte loads each.
-    # (128 columns: ptxas caps the kernel at 80 registers and spills one across the rank loop.) 64 also gives
-    # twice the programs at decode sizes (T = 1: 96 programs for Llama-3-8B qkv instead of 48 on 132 SMs).
-    "expand_bgmv": {"BLOCK_N": 64, "BLOCK_R": 32, "num_warps": 4, "num_stages": 2},
-    # register tiles of FUSED_TILE elements: BLOCK_K = BLOCK_N = FUSED_TILE // BLOCK_SR (>= 16),
-    # BLOCK_SR = next_pow2(max_rank * S) <= FUSED_MAX_SR.
-    "fused": {"FUSED_TILE": 4096, "num_warps": 4, "num_stages": 1},
-}
+LORA_CONFIGS: dict[str, dict[str, int]] = _cfgs.DEFAULTS
 SGMV_CHUNKS = (16, 32, 64)  # BLOCK_M values that run in production (batch.choose_chunk)
 BGMV_MAX_PAIRS = 64  # auto: T*K <= this -> BGMV gather kernels (decode), else SGMV (prefill)
 FUSED_MAX_PAIRS = 8  # auto: T*K <= this -> fused kernel for lora_apply (when FUSED_MAX_SR / S allow)
 FUSED_MAX_SR = 256  # fused kernel keeps v as (K, next_pow2(R*S)) fp32 registers; beyond this, BGMV
 FUSED_MAX_A_BYTES = 128 * 1024  # fused kernel: each program reads one slot's whole A (R*S*h_in) on one SM
-MAX_SPLIT_K = 16
+MAX_SPLIT_K = _cfgs.SPLIT_LIMIT  # largest split-K (partials summed by the BGMV expand)
 DEFAULT_NUM_SMS = 132  # H100 SXM; used when no GPU is present (interpreter, AOT)
 _MAX_SLICES = 4  # slices per expand/fused launch (qkv = 3, gate_up = 2); more are launched in groups
 _NO_TILE = 1 << 30  # tile start of an unused slice
@@ -131,11 +121,13 @@ def _vec_stride(stride, VEC_R: tl.constexpr):
 def _lora_shrink_sgmv_kernel(
     x_ptr, a_ptr, ranks_ptr, pairs_ptr, seg_slot_ptr, seg_start_ptr, seg_len_ptr, out_ptr,
     T, H, num_slots, max_rank, G, split_k,
-    sxt, sxh, sa0, sa1, sa2, sa3, sp, sg0, sg1, so0, so1, so2,
+    sxt, sxh, sa0, sa1, sa2, sa3, sp, sg0, sg1, sok, so0, so1, so2,
     S: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     ATOMIC: tl.constexpr,
 ):
-    """SGMV shrink. Grid ``(K*G chunks, cdiv(R*S, BLOCK_N), split_k)``; writes ``out[s, p, i]`` (fp32)."""
+    """SGMV shrink. Grid ``(K*G chunks, cdiv(R*S, BLOCK_N), split_k)``; writes ``out[s, p, i]`` (fp32): split
+    ``pid_k`` adds into it (``ATOMIC``: relaxed fp32 atomics, no fences) or stores partial ``pid_k`` at
+    ``out + pid_k * sok`` (summed by the consumer)."""
     pid_seg = tl.program_id(0)
     pid_n = tl.program_id(1)
     pid_k = tl.program_id(2)
@@ -175,20 +167,21 @@ def _lora_shrink_sgmv_kernel(
         acc = tl.dot(xt.to(at.dtype), at, acc, input_precision="ieee")
     ptrs = out_ptr + p.to(tl.int64)[:, None] * so1 + (s_idx * so0 + i_idx * so2)[None, :]
     mask = m_ok[:, None] & n_ok[None, :]
-    if ATOMIC:
-        tl.atomic_add(ptrs, acc, mask=mask)
+    if ATOMIC:  # relaxed: only the sum matters, no ordering with other memory (no MEMBAR.GPU around each add)
+        tl.atomic_add(ptrs, acc, mask=mask, sem="relaxed")
     else:
-        tl.store(ptrs, acc, mask=mask)
+        tl.store(ptrs + pid_k.to(tl.int64) * sok, acc, mask=mask)
 
 
 @triton.jit
 def _lora_shrink_bgmv_kernel(
     x_ptr, a_ptr, ranks_ptr, slots_ptr, out_ptr,
     T, H, num_slots, max_rank, split_k,
-    sxt, sxh, sa0, sa1, sa2, sa3, sst, ssk, so0, so1, so2,
+    sxt, sxh, sa0, sa1, sa2, sa3, sst, ssk, sok, so0, so1, so2,
     S: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ATOMIC: tl.constexpr,
 ):
-    """BGMV shrink. Grid ``(K*T pairs, cdiv(R*S, BLOCK_N), split_k)``; one token-slot pair per program."""
+    """BGMV shrink. Grid ``(K*T pairs, cdiv(R*S, BLOCK_N), split_k)``; one token-slot pair per program. Split-K
+    as in the SGMV shrink: relaxed atomics (``ATOMIC``) or partial ``pid_k`` stored at ``out + pid_k * sok``."""
     p = tl.program_id(0)
     pid_n = tl.program_id(1)
     pid_k = tl.program_id(2)
@@ -217,9 +210,9 @@ def _lora_shrink_bgmv_kernel(
     v = tl.sum(acc, axis=1)
     ptrs = out_ptr + s_idx * so0 + p.to(tl.int64) * so1 + i_idx * so2
     if ATOMIC:
-        tl.atomic_add(ptrs, v, mask=n_ok)
+        tl.atomic_add(ptrs, v, mask=n_ok, sem="relaxed")
     else:
-        tl.store(ptrs, v, mask=n_ok)
+        tl.store(ptrs + pid_k.to(tl.int64) * sok, v, mask=n_ok)
 
 
 @triton.jit
@@ -288,14 +281,16 @@ def _lora_expand_bgmv_kernel(
     y_ptr, v_ptr, b_ptr, ranks_ptr, scales_ptr, slots_ptr, w_ptr,
     T, K, num_slots, max_rank, s_base,
     off0, off1, off2, off3, size0, size1, size2, size3, ts1, ts2, ts3,
-    syt, syn, sv0, sv1, sv2, sb0, sb1, sb2, sst, ssk, swt, swk,
-    BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, VEC_R: tl.constexpr,
+    syt, syn, svq, sv0, sv1, sv2, sb0, sb1, sb2, sst, ssk, swt, swk,
+    BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, VEC_R: tl.constexpr, P: tl.constexpr,
 ):
-    """BGMV expand. Grid ``(T, total N tiles)``; the K slots of the token are summed before one y update."""
+    """BGMV expand. Grid ``(T, total N tiles)``; the K slots of the token are summed before one y update.
+    ``P > 1``: v is ``P`` split-K partials of the shrink (``v + q * svq``), summed here in a fixed order
+    (deterministic, no atomics, no zeroing launch)."""
     t = tl.program_id(0)
     j = tl.program_id(1)
     sb0, sb1 = _vec_stride(sb0, VEC_R), _vec_stride(sb1, VEC_R)
-    sv0, sv1 = _vec_stride(sv0, VEC_R), _vec_stride(sv1, VEC_R)
+    sv0, sv1, svq = _vec_stride(sv0, VEC_R), _vec_stride(sv1, VEC_R), _vec_stride(svq, VEC_R)
     s, off, size, jt = _tile_slice(j, off0, off1, off2, off3, size0, size1, size2, size3, ts1, ts2, ts3)
     offs_n = jt * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < size
@@ -317,7 +312,12 @@ def _lora_expand_bgmv_kernel(
             offs_r = i0 + tl.arange(0, BLOCK_R)
             r_in = offs_r < r_lim  # vectorizable bound (see _rank_limit); tl.where zeroes ranks >= the slot's
             r_ok = offs_r < rank
-            vv = tl.load(v_row + offs_r * sv2, mask=r_in, other=0.0)
+            if P == 1:
+                vv = tl.load(v_row + offs_r * sv2, mask=r_in, other=0.0)
+            else:
+                offs_q = tl.arange(0, P).to(tl.int64)
+                vv = tl.sum(tl.load(v_row + offs_q[:, None] * svq + offs_r[None, :] * sv2, mask=r_in[None, :],
+                                    other=0.0), axis=0)
             vv = tl.where(r_ok, vv * coef, 0.0)
             bt = tl.load(b_cols[:, None] + offs_r[None, :] * sb2, mask=n_ok[:, None] & r_in[None, :], other=0.0)
             bt = tl.where(r_ok[None, :], bt, tl.zeros_like(bt))
@@ -426,7 +426,7 @@ def sgmv_block_m(chunk: int) -> int:
     return max(16, triton.next_power_of_2(int(chunk)))
 
 
-def fused_blocks(max_rank: int, num_slices: int) -> dict[str, int]:
+def fused_blocks(max_rank: int, num_slices: int, tile: int | None = None) -> dict[str, int]:
     """Register-tile sizes of the fused kernel for a (max_rank, S) buffer.
 
     ``BLOCK_SR = next_pow2(R*S)`` is what :func:`choose_path` compares with ``FUSED_MAX_SR`` (the CUDA backend
@@ -434,17 +434,27 @@ def fused_blocks(max_rank: int, num_slices: int) -> dict[str, int]:
     for 16-byte B loads), at most twice that."""
     sr = max(16, triton.next_power_of_2(max_rank * num_slices))
     s_pad, r_pad = triton.next_power_of_2(num_slices), max(8, triton.next_power_of_2(max_rank))
-    side = max(16, LORA_CONFIGS["fused"]["FUSED_TILE"] // (s_pad * r_pad))
+    side = max(16, (tile or LORA_CONFIGS["fused"]["FUSED_TILE"]) // (s_pad * r_pad))
     return {"BLOCK_SR": sr, "S_PAD": s_pad, "R_PAD": r_pad, "BLOCK_K": side, "BLOCK_N": side}
 
 
-def split_k_for(programs: int, h_in: int, block_k: int, num_sms: int) -> int:
-    """Split-K factor (power of two) so that ``programs * split`` fills ``num_sms``, keeping >= 2 K steps each."""
+def split_k_for(programs: int, h_in: int, block_k: int, num_sms: int, max_split: int = MAX_SPLIT_K) -> int:
+    """Split-K factor (power of two) so that ``programs * split`` reaches ``num_sms`` (one full wave: decode grids
+    are a few programs), each split keeping at least one ``block_k`` of ``h_in``, at most ``max_split``."""
     split = 1
-    max_split = min(MAX_SPLIT_K, max(1, triton.cdiv(h_in, 2 * block_k)))
-    while split * 2 <= max_split and programs * split < num_sms:
+    cap = min(max_split, max(1, triton.cdiv(h_in, block_k)))
+    while split * 2 <= cap and programs * split < num_sms:
         split *= 2
     return split
+
+
+def _split_of(cfg: dict, programs: int, h_in: int, num_sms: int) -> int:
+    if "SPLIT_K" in cfg:  # fixed by the table: clipped to a power of two with >= one BLOCK_K per split
+        split, cap = 1, min(cfg["SPLIT_K"], max(1, triton.cdiv(h_in, cfg["BLOCK_K"])))
+        while split * 2 <= cap:
+            split *= 2
+        return split
+    return split_k_for(programs, h_in, cfg["BLOCK_K"], num_sms, cfg.get("MAX_SPLIT_K", MAX_SPLIT_K))
 
 
 def choose_path(path: str, num_pairs: int, op: str, *, sr: int = 0, num_slices: int = 1, a_bytes: int = 0) -> str:
@@ -495,8 +505,8 @@ def _slice_groups(sizes: tuple[int, ...], block_n: int) -> tuple[tuple[int, tupl
     return tuple(groups)
 
 
-def _shrink_constexprs(path: str, num_slices: int, chunk: int, atomic: bool) -> dict:
-    cfg = LORA_CONFIGS["shrink_" + path]
+def _shrink_constexprs(path: str, num_slices: int, chunk: int, atomic: bool, cfg: dict | None = None) -> dict:
+    cfg = cfg or _cfgs.config_for("shrink_" + path, m=sgmv_block_m(chunk))
     c = {"S": num_slices, "BLOCK_N": cfg["BLOCK_N"], "BLOCK_K": cfg["BLOCK_K"], "ATOMIC": atomic}
     if path == "sgmv":
         c["BLOCK_M"] = sgmv_block_m(chunk)
@@ -509,29 +519,114 @@ def vec_r(max_rank: int, *strides: int) -> int:
     return 8 if max_rank % 8 == 0 and all(int(st) % 8 == 0 for st in strides) else 1
 
 
-def _expand_constexprs(path: str, chunk: int, vec: int = 8) -> dict:
-    cfg = LORA_CONFIGS["expand_" + path]
+def _expand_constexprs(path: str, chunk: int, vec: int = 8, cfg: dict | None = None, partials: int = 1) -> dict:
+    cfg = cfg or _cfgs.config_for("expand_" + path, m=sgmv_block_m(chunk))
     c = {"BLOCK_N": cfg["BLOCK_N"], "BLOCK_R": cfg["BLOCK_R"], "VEC_R": vec}
     if path == "sgmv":
         c["BLOCK_M"] = sgmv_block_m(chunk)
+    else:
+        c["P"] = partials
     return c
 
 
-def _fused_constexprs(max_rank: int, num_slices: int, k: int, vec: int = 8) -> dict:
-    b = fused_blocks(max_rank, num_slices)
+def _fused_constexprs(max_rank: int, num_slices: int, k: int, vec: int = 8, cfg: dict | None = None) -> dict:
+    b = fused_blocks(max_rank, num_slices, (cfg or LORA_CONFIGS["fused"])["FUSED_TILE"])
     return {"S": num_slices, "K": k, "K_PAD": triton.next_power_of_2(k), "S_PAD": b["S_PAD"], "R_PAD": b["R_PAD"],
             "BLOCK_K": b["BLOCK_K"], "BLOCK_N": b["BLOCK_N"], "VEC_R": vec}
 
 
-def _launch_opts(name: str, chunk: int = 16) -> dict:
-    cfg = LORA_CONFIGS[name]
-    warps = cfg["num_warps_m64"] if "num_warps_m64" in cfg and sgmv_block_m(chunk) >= 64 else cfg["num_warps"]
-    return {"num_warps": warps, "num_stages": cfg["num_stages"]}
+def _launch_opts(name: str, chunk: int = 16, cfg: dict | None = None) -> dict:
+    cfg = cfg or _cfgs.config_for(name, m=sgmv_block_m(chunk))
+    return {"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]}
+
+
+def _config(kernel: str, device: torch.device, **shape: int) -> dict:
+    return _cfgs.lookup(kernel, device, **shape)
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Launchers
 # ----------------------------------------------------------------------------------------------------------------
+def _launch_shrink(x, lora_a, slot_ranks, token_slots, sorted_pairs, seg_slot, seg_start, seg_len, *, chunk, path,
+                   out=None):
+    """Launch the shrink (``x``, ``lora_a`` non-empty); ``path`` resolved. Returns ``(v, split)``.
+
+    ``out`` given (the public contract): zeroed, then split-K sums into it with relaxed atomics. ``out=None`` (inside
+    ``lora_apply``, whose expand reads v only below each slot's rank and only for routed pairs): nothing is zeroed;
+    BGMV stores its ``split`` partials into a fresh ``(split, S, K*T, R)`` buffer that the BGMV expand sums (no
+    atomics, deterministic, no memset launch); SGMV uses a fresh ``(S, K*T, R)`` (zeroed + atomics only when split)."""
+    T, H = x.shape
+    L, S, R, _ = lora_a.shape
+    K = token_slots.shape[1]
+    m = sgmv_block_m(chunk)
+    kernel = "shrink_" + path
+    cfg = _config(kernel, x.device, pairs=T * K, rank=R, dim=H, **({"m": m} if path == "sgmv" else {}))
+    n_tiles = triton.cdiv(R * S, cfg["BLOCK_N"])
+    programs = (triton.cdiv(T * K, m) if path == "sgmv" else T * K) * n_tiles  # busy programs (no sync)
+    split = _split_of(cfg, programs, H, _num_sms(x.device))
+    if out is None and path == "bgmv":
+        v = torch.empty((split, S, K * T, R), dtype=torch.float32, device=x.device)
+        atomic, dst, sok = False, v[0], v.stride(0)
+    else:
+        if out is None:
+            out = (torch.zeros if split > 1 else torch.empty)((S, K * T, R), dtype=torch.float32, device=x.device)
+        else:
+            out.zero_()  # no-adapter pairs and rank padding are zeros; split-K accumulates into it
+        v = dst = out
+        atomic, sok = split > 1, 0
+    opts = _launch_opts(kernel, chunk, cfg)
+    if path == "sgmv":
+        G = seg_slot.shape[1]
+        _lora_shrink_sgmv_kernel[(K * G, n_tiles, split)](
+            x, lora_a, slot_ranks, sorted_pairs, seg_slot, seg_start, seg_len, dst,
+            T, H, L, R, G, split,
+            x.stride(0), x.stride(1), *lora_a.stride(), sorted_pairs.stride(0), *seg_slot.stride(), sok,
+            *dst.stride(), **_shrink_constexprs("sgmv", S, chunk, atomic, cfg), **opts,
+        )
+    else:
+        _lora_shrink_bgmv_kernel[(K * T, n_tiles, split)](
+            x, lora_a, slot_ranks, token_slots, dst,
+            T, H, L, R, split,
+            x.stride(0), x.stride(1), *lora_a.stride(), *token_slots.stride(), sok, *dst.stride(),
+            **_shrink_constexprs("bgmv", S, chunk, atomic, cfg), **opts,
+        )
+    return v, split
+
+
+def _launch_expand(y, v, lora_b, slot_ranks, slot_scales, token_slots, token_weights, sorted_pairs, seg_slot,
+                   seg_start, seg_len, slice_sizes, *, chunk, path, partials=1):
+    """Launch the expand; ``path`` resolved; ``v`` is ``(S, K*T, R)`` or (BGMV) ``(partials, S, K*T, R)``."""
+    T = y.shape[0]
+    L, N, R = lora_b.shape
+    K = token_slots.shape[1]
+    m = sgmv_block_m(chunk)
+    kernel = "expand_" + path
+    cfg = _config(kernel, y.device, pairs=T * K, rank=R, dim=N, **({"m": m} if path == "sgmv" else {}))
+    groups = slice_groups(slice_sizes, cfg["BLOCK_N"])
+    v3, svq = (v[0], v.stride(0)) if v.dim() == 4 else (v, 0)
+    vec = vec_r(R, lora_b.stride(0), lora_b.stride(1), v3.stride(0), v3.stride(1), svq)
+    opts = _launch_opts(kernel, chunk, cfg)
+    if path == "sgmv":
+        G = seg_slot.shape[1]
+        for kc in range(K):
+            for s_base, sl, tiles in groups:
+                _lora_expand_sgmv_kernel[(G, tiles)](
+                    y, v3, lora_b, slot_ranks, slot_scales, token_weights, sorted_pairs, seg_slot, seg_start, seg_len,
+                    T, L, R, kc, s_base, *sl,
+                    *y.stride(), *v3.stride(), *lora_b.stride(), *token_weights.stride(), sorted_pairs.stride(0),
+                    *seg_slot.stride(),
+                    **_expand_constexprs("sgmv", chunk, vec, cfg), **opts,
+                )
+    else:
+        for s_base, sl, tiles in groups:
+            _lora_expand_bgmv_kernel[(T, tiles)](
+                y, v3, lora_b, slot_ranks, slot_scales, token_slots, token_weights,
+                T, K, L, R, s_base, *sl,
+                *y.stride(), svq, *v3.stride(), *lora_b.stride(), *token_slots.stride(), *token_weights.stride(),
+                **_expand_constexprs("bgmv", chunk, vec, cfg, partials), **opts,
+            )
+
+
 def lora_shrink_triton(
     x, lora_a, slot_ranks, token_slots, sorted_pairs, seg_slot, seg_start, seg_len, out, *, chunk, path="auto"
 ) -> None:
@@ -539,35 +634,17 @@ def lora_shrink_triton(
 
     x ``(T, h_in)`` any strides; lora_a ``(L, S, R, h_in)``; slot_ranks ``(L,)``; token_slots ``(T, K)``;
     sorted_pairs ``(K*T,)``; seg_* ``(K, G)``; out ``(S, K*T, R)`` float32, fully overwritten.
-    ``path``: auto | sgmv | bgmv (see :func:`choose_path`)."""
+    ``path``: auto | sgmv | bgmv (see :func:`choose_path`). Split-K (sized so the grid fills the SMs) adds into
+    ``out`` with relaxed fp32 atomics."""
     T, H = x.shape
     L, S, R, _ = lora_a.shape
     K = token_slots.shape[1]
-    out.zero_()  # no-adapter pairs and rank padding are zeros; split-K accumulates into it
-    if T == 0 or R == 0 or S == 0 or H == 0:
-        return
     path = choose_path(path, T * K, "shrink")
-    cfg = LORA_CONFIGS["shrink_" + path]
-    n_tiles = triton.cdiv(R * S, cfg["BLOCK_N"])
-    sms = _num_sms(x.device)
-    if path == "sgmv":
-        G = seg_slot.shape[1]
-        est = triton.cdiv(T * K, sgmv_block_m(chunk)) * n_tiles  # busy programs (lower bound, no sync)
-        split = split_k_for(est, H, cfg["BLOCK_K"], sms)
-        _lora_shrink_sgmv_kernel[(K * G, n_tiles, split)](
-            x, lora_a, slot_ranks, sorted_pairs, seg_slot, seg_start, seg_len, out,
-            T, H, L, R, G, split,
-            x.stride(0), x.stride(1), *lora_a.stride(), sorted_pairs.stride(0), *seg_slot.stride(), *out.stride(),
-            **_shrink_constexprs("sgmv", S, chunk, split > 1), **_launch_opts("shrink_sgmv", chunk),
-        )
-    else:
-        split = split_k_for(T * K * n_tiles, H, cfg["BLOCK_K"], sms)
-        _lora_shrink_bgmv_kernel[(K * T, n_tiles, split)](
-            x, lora_a, slot_ranks, token_slots, out,
-            T, H, L, R, split,
-            x.stride(0), x.stride(1), *lora_a.stride(), *token_slots.stride(), *out.stride(),
-            **_shrink_constexprs("bgmv", S, chunk, split > 1), **_launch_opts("shrink_bgmv"),
-        )
+    if T == 0 or R == 0 or S == 0 or H == 0:
+        out.zero_()
+        return
+    _launch_shrink(x, lora_a, slot_ranks, token_slots, sorted_pairs, seg_slot, seg_start, seg_len, chunk=chunk,
+                   path=path, out=out)
 
 
 def lora_expand_triton(
@@ -580,33 +657,13 @@ def lora_expand_triton(
     slot_scales ``(L,)`` fp32; token_weights ``(T, K)`` fp32; slice_sizes: python ints (may differ, GQA).
     SGMV launches once per k column (race-free); BGMV sums the K slots of a token in registers."""
     T = y.shape[0]
-    L, _, R = lora_b.shape
+    R = lora_b.shape[2]
     K = token_slots.shape[1]
+    path = choose_path(path, T * K, "expand")
     if T == 0 or R == 0:
         return
-    path = choose_path(path, T * K, "expand")
-    cfg = LORA_CONFIGS["expand_" + path]
-    groups = slice_groups(slice_sizes, cfg["BLOCK_N"])
-    vec = vec_r(R, lora_b.stride(0), lora_b.stride(1), v.stride(0), v.stride(1))
-    if path == "sgmv":
-        G = seg_slot.shape[1]
-        for kc in range(K):
-            for s_base, sl, tiles in groups:
-                _lora_expand_sgmv_kernel[(G, tiles)](
-                    y, v, lora_b, slot_ranks, slot_scales, token_weights, sorted_pairs, seg_slot, seg_start, seg_len,
-                    T, L, R, kc, s_base, *sl,
-                    *y.stride(), *v.stride(), *lora_b.stride(), *token_weights.stride(), sorted_pairs.stride(0),
-                    *seg_slot.stride(),
-                    **_expand_constexprs("sgmv", chunk, vec), **_launch_opts("expand_sgmv", chunk),
-                )
-    else:
-        for s_base, sl, tiles in groups:
-            _lora_expand_bgmv_kernel[(T, tiles)](
-                y, v, lora_b, slot_ranks, slot_scales, token_slots, token_weights,
-                T, K, L, R, s_base, *sl,
-                *y.stride(), *v.stride(), *lora_b.stride(), *token_slots.stride(), *token_weights.stride(),
-                **_expand_constexprs("bgmv", chunk, vec), **_launch_opts("expand_bgmv"),
-            )
+    _launch_expand(y, v, lora_b, slot_ranks, slot_scales, token_slots, token_weights, sorted_pairs, seg_slot,
+                   seg_start, seg_len, slice_sizes, chunk=chunk, path=path)
 
 
 def lora_apply_triton(
@@ -616,8 +673,9 @@ def lora_apply_triton(
     """``y += sum_k w * scale * (x @ A.T) @ B.T`` per token and slice (shrink + expand).
 
     ``path="fused"`` (auto for ``T*K <= FUSED_MAX_PAIRS``): one kernel, v in registers, K slots summed in one
-    program (deterministic). Otherwise shrink + expand through an fp32 ``(S, K*T, R)`` scratch (vLLM
-    ``add_lora_linear``), both on the BGMV or SGMV path."""
+    program (deterministic). Otherwise shrink + expand through an fp32 scratch (vLLM ``add_lora_linear``), both on
+    the BGMV or SGMV path: BGMV (decode) passes split-K partials to the expand, which sums them (two launches, no
+    atomics, no memset); SGMV (prefill) splits K only for small grids, with relaxed atomics."""
     T, H = x.shape
     L, S, R, _ = lora_a.shape
     K = token_slots.shape[1]
@@ -627,22 +685,25 @@ def lora_apply_triton(
     path = choose_path(path, T * K, "apply", sr=blocks["BLOCK_SR"], num_slices=S,
                        a_bytes=R * S * H * lora_a.element_size())
     if path != "fused":
-        v = torch.empty((S, K * T, R), dtype=torch.float32, device=x.device)
-        lora_shrink_triton(x, lora_a, slot_ranks, token_slots, sorted_pairs, seg_slot, seg_start, seg_len, v,
-                           chunk=chunk, path=path)
-        lora_expand_triton(y, v, lora_b, slot_ranks, slot_scales, token_slots, token_weights, sorted_pairs,
-                           seg_slot, seg_start, seg_len, slice_sizes, chunk=chunk, path=path)
+        if H == 0:
+            return
+        v, split = _launch_shrink(x, lora_a, slot_ranks, token_slots, sorted_pairs, seg_slot, seg_start, seg_len,
+                                  chunk=chunk, path=path)
+        _launch_expand(y, v, lora_b, slot_ranks, slot_scales, token_slots, token_weights, sorted_pairs, seg_slot,
+                       seg_start, seg_len, slice_sizes, chunk=chunk, path=path, partials=split if path == "bgmv" else 1)
         return
     if S > _MAX_SLICES:
         raise ValueError(f"the fused kernel handles at most {_MAX_SLICES} slices, got {S}")
-    (_, sl, tiles), = slice_groups(slice_sizes, blocks["BLOCK_N"])
+    cfg = _config("fused", x.device, pairs=T * K, rank=R, dim=H)
+    cx = _fused_constexprs(R, S, K, vec_r(R, lora_b.stride(0), lora_b.stride(1)), cfg)
+    (_, sl, tiles), = slice_groups(slice_sizes, cx["BLOCK_N"])
     n_split = max(1, min(tiles, triton.cdiv(_num_sms(x.device), T)))
     _lora_fused_kernel[(T, n_split)](
         y, x, lora_a, lora_b, slot_ranks, slot_scales, token_slots, token_weights,
         T, H, L, R, n_split, tiles, *sl,
         x.stride(0), x.stride(1), *lora_a.stride(), *y.stride(), *lora_b.stride(), *token_slots.stride(),
         *token_weights.stride(),
-        **_fused_constexprs(R, S, K, vec_r(R, lora_b.stride(0), lora_b.stride(1))), **_launch_opts("fused"),
+        **cx, **_launch_opts("fused", cfg=cfg),
     )
 
 
@@ -651,7 +712,7 @@ def lora_apply_triton(
 # ----------------------------------------------------------------------------------------------------------------
 _UNIT_STRIDES = ("sxh", "sa3", "syn", "sb2", "so2", "sv2", "sp")  # JIT specializes these == 1 (contiguous rows)
 # Ints the JIT sees as multiples of 16 for real model shapes (hidden sizes, ranks, slice widths): same hint in AOT.
-_DIV16_ARGS = ("H", "sxt", "sa0", "sa1", "sa2", "syt", "sb0", "sb1", "sv0", "sv1", "so0", "so1",
+_DIV16_ARGS = ("H", "sxt", "sa0", "sa1", "sa2", "syt", "sb0", "sb1", "sv0", "sv1", "svq", "so0", "so1", "sok",
                "off0", "off1", "off2", "off3", "size0", "size1", "size2", "size3")
 _PTR_TYPES = {
     "x_ptr": "act", "a_ptr": "act", "b_ptr": "act", "y_ptr": "act", "out_ptr": "fp32", "v_ptr": "fp32",
@@ -682,16 +743,34 @@ def aot_variants(act_dtype: str = "fp16"):
                 attrs[(i,)] = [["tt.divisibility", 16]]
         return name, kernel, sig, cx, attrs, options
 
+    def configs(kernel, m=None):  # the defaults, then every table entry that differs from them
+        default = _cfgs.config_for(kernel, m=m)
+        yield "", default
+        for label, cfg in _cfgs.table_configs(kernel, m):
+            if cfg != default:
+                yield "_" + label, cfg
+
     for chunk in SGMV_CHUNKS:
-        for atomic in (False, True) if chunk == max(SGMV_CHUNKS) else (False,):  # split-K: epilogue only
-            yield build(f"shrink_sgmv_m{chunk}{'_splitk' if atomic else ''}", _lora_shrink_sgmv_kernel,
-                        _shrink_constexprs("sgmv", 3, chunk, atomic), _launch_opts("shrink_sgmv", chunk))
-        yield build(f"expand_sgmv_m{chunk}", _lora_expand_sgmv_kernel, _expand_constexprs("sgmv", chunk),
-                    _launch_opts("expand_sgmv", chunk))
-    for atomic in (False, True):
-        yield build(f"shrink_bgmv{'_splitk' if atomic else ''}", _lora_shrink_bgmv_kernel,
-                    _shrink_constexprs("bgmv", 3, 16, atomic), _launch_opts("shrink_bgmv"))
-    yield build("expand_bgmv", _lora_expand_bgmv_kernel, _expand_constexprs("bgmv", 16), _launch_opts("expand_bgmv"))
-    for rank, s, k in ((16, 3, 1), (64, 3, 2)):
-        yield build(f"fused_r{rank}_s{s}_k{k}", _lora_fused_kernel, _fused_constexprs(rank, s, k),
-                    _launch_opts("fused"))
+        for label, cfg in configs("shrink_sgmv", chunk):
+            # split-K changes the epilogue only: the atomic one for the defaults at BLOCK_M = 64, both for entries
+            for atomic in (False, True) if label or chunk == max(SGMV_CHUNKS) else (False,):
+                yield build(f"shrink_sgmv_m{chunk}{label}{'_splitk' if atomic else ''}", _lora_shrink_sgmv_kernel,
+                            _shrink_constexprs("sgmv", 3, chunk, atomic, cfg), _launch_opts("shrink_sgmv", chunk, cfg))
+        for label, cfg in configs("expand_sgmv", chunk):
+            for vec in (8, 1) if not label and chunk == max(SGMV_CHUNKS) else (8,):  # VEC_R = 1: R % 8 != 0
+                yield build(f"expand_sgmv_m{chunk}{label}{'_vec1' if vec == 1 else ''}", _lora_expand_sgmv_kernel,
+                            _expand_constexprs("sgmv", chunk, vec, cfg), _launch_opts("expand_sgmv", chunk, cfg))
+    for label, cfg in configs("shrink_bgmv"):
+        for atomic in (False, True):
+            yield build(f"shrink_bgmv{label}{'_splitk' if atomic else ''}", _lora_shrink_bgmv_kernel,
+                        _shrink_constexprs("bgmv", 3, 16, atomic, cfg), _launch_opts("shrink_bgmv", cfg=cfg))
+    for label, cfg in configs("expand_bgmv"):
+        # P = split-K partials summed while loading v (1 .. MAX_SPLIT_K; registers grow with P: both ends + 2)
+        for vec, parts in ((8, 1), (8, 2), (8, MAX_SPLIT_K), (1, 1)) if not label else ((8, 1), (8, MAX_SPLIT_K)):
+            yield build(f"expand_bgmv{label}_p{parts}{'_vec1' if vec == 1 else ''}", _lora_expand_bgmv_kernel,
+                        _expand_constexprs("bgmv", 16, vec, cfg, parts), _launch_opts("expand_bgmv", cfg=cfg))
+    for label, cfg in configs("fused"):
+        shapes = ((16, 3, 1, 8), (64, 3, 2, 8)) + (((12, 3, 1, 1),) if not label else ())
+        for rank, s, k, vec in shapes:
+            yield build(f"fused_r{rank}_s{s}_k{k}{label}{'_vec1' if vec == 1 else ''}", _lora_fused_kernel,
+                        _fused_constexprs(rank, s, k, vec, cfg), _launch_opts("fused", cfg=cfg))

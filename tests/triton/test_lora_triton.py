@@ -60,9 +60,14 @@ CASES = {
     # 6 slices (> _MAX_SLICES = 4) of different widths: two expand launch groups, the second at slice base 4
     "six_slices": Case(T=9, H=24, L=3, S=6, R=8, sizes=(16, 8, 8, 24, 12, 4), K=2, ranks=(8, 4, 1),
                        x_layout="stride2", y_layout="colslice"),
+    # buffer rank 12 (not a multiple of 8): VEC_R = 1, element-wise rank loads
+    "r12": Case(T=6, H=40, L=3, S=2, R=12, sizes=(24, 8), K=2, ranks=(12, 5, 1), x_layout="stride2",
+                y_layout="colslice"),
+    # one decode token: the table's T*K <= 2 entries (BGMV shrink BLOCK_K 64) and split-K 4 partials
+    "decode1": Case(T=1, H=300, L=2, S=3, R=16, sizes=(32, 16, 16), ranks=(16, 8), p_none=0.0),
 }
-SGMV_CASES = ("odd111_mixed", "qkv_k2", "h2049", "many_slots", "six_slices")
-DECODE_CASES = ("odd111_mixed", "qkv_k2", "h2049", "six_slices")  # bgmv/fused are per-token kernels: keep T small
+SGMV_CASES = ("odd111_mixed", "qkv_k2", "h2049", "many_slots", "six_slices", "r12")
+DECODE_CASES = ("odd111_mixed", "qkv_k2", "h2049", "six_slices", "r12")  # bgmv/fused: per-token kernels, T small
 
 
 def _gen(*key) -> torch.Generator:
@@ -160,8 +165,9 @@ def test_expand(path, name, dtype):
 
 
 APPLY = [("sgmv", n) for n in SGMV_CASES] + [("bgmv", "qkv_k2"), ("bgmv", "odd111_mixed")]
-APPLY += [("bgmv", "six_slices")]
-APPLY += [("fused", "qkv_small"), ("fused", "mixed_small"), ("fused", "h2049")]
+APPLY += [("bgmv", "six_slices"), ("bgmv", "r12")]
+APPLY += [("bgmv", "h2049"), ("bgmv", "decode1")]  # split-K partials (16 and 4) summed by the BGMV expand
+APPLY += [("fused", "qkv_small"), ("fused", "mixed_small"), ("fused", "h2049"), ("fused", "r12")]
 
 
 @interpreter
@@ -339,3 +345,17 @@ def test_choose_path_heuristic():
     assert choose_path("auto", 1, "apply", sr=64, num_slices=3, a_bytes=qkv_r16) == "bgmv"
     assert choose_path("auto", 1, "apply", sr=16, num_slices=1, a_bytes=8 * 4096 * 2) == "fused"
     assert choose_path("sgmv", 1, "apply") == "sgmv"
+
+
+def test_split_k_fills_the_sms():
+    """Split-K is sized from the grid and the SM count: programs * split reaches the SMs, each split keeps at least
+    one BLOCK_K of h_in, powers of two up to the cap (decode grids of 2 programs no longer stop at 16 splits)."""
+    split_k_for = tl_lora.split_k_for
+    assert split_k_for(2, 4096, 64, 132) == 64  # T = 1, qkv r16: 2 tiles x 64 splits = 128 programs
+    assert split_k_for(2, 4096, 128, 132) == 32  # capped by one BLOCK_K per split (4096 / 128)
+    assert split_k_for(1, 14336, 128, 132) == 64  # capped by MAX_SPLIT_K
+    assert split_k_for(64, 4096, 128, 132) == 4
+    assert split_k_for(200, 4096, 128, 132) == 1
+    assert split_k_for(2, 100, 128, 132) == 1  # h_in below one BLOCK_K: no split
+    assert split_k_for(2, 4096, 64, 132, max_split=16) == 16
+    assert split_k_for(2, 4096, 64, 16) == 8  # fewer SMs, fewer splits
