@@ -101,3 +101,34 @@ void pllm_lora_apply_emu(uintptr_t y, uintptr_t x, uintptr_t lora_a, uintptr_t l
                          int64_t k, int64_t num_chunks, int64_t chunk, const std::vector<int64_t>& slice_sizes,
                          int64_t x_stride0, int64_t a_stride0, int64_t a_stride1, int64_t a_stride2,
                          int64_t y_stride0, int64_t b_stride0, int64_t b_stride1, int dtype, int path, int num_sms);
+
+// ---- steer.cu: per-token activation steering (steer_add, steer_rmsnorm) ------------------------------------------
+// Semantics: pllm_kernels/reference/steer.py; kernel design: csrc/include/pllm/steer.cuh. Sizes are element counts,
+// strides element strides (the innermost stride of h, out and vectors must be 1); slot_modes (L,) int32, token_slots
+// (T, K) int32 and token_scales (T, K) float32 are contiguous; weight (H,) is contiguous. dtype: h / out; vec_dtype
+// (vectors) and w_dtype (weight) are float32 or dtype. hidden <= 16384. Asynchronous on `stream`; std::runtime_error
+// on bad arguments or when no CUDA device is present. Rows whose K slots are all -1 (or >= num_slots) are not written.
+void pllm_steer_add(uintptr_t h, uintptr_t vectors, uintptr_t slot_modes, uintptr_t token_slots,
+                    uintptr_t token_scales, int64_t num_tokens, int64_t hidden, int64_t num_slots, int64_t k,
+                    int64_t h_stride0, int64_t v_stride0, int dtype, int vec_dtype, uintptr_t stream);
+// weight_offset: 0 Llama-style norm (weight * T(n)), 1 Gemma-style ((1 + weight) * n).
+void pllm_steer_rmsnorm(uintptr_t out, uintptr_t h, uintptr_t weight, uintptr_t vectors, uintptr_t slot_modes,
+                        uintptr_t token_slots, uintptr_t token_scales, int64_t num_tokens, int64_t hidden,
+                        int64_t num_slots, int64_t k, int64_t h_stride0, int64_t v_stride0, int64_t out_stride0,
+                        double eps, double weight_offset, int dtype, int vec_dtype, int w_dtype, uintptr_t stream);
+// Names of the compiled steering kernel variants, and the one a call with these pointers / strides would run.
+std::vector<std::string> pllm_steer_kernels();
+std::string pllm_steer_variant(uintptr_t h, uintptr_t out, uintptr_t weight, uintptr_t vectors, int64_t hidden,
+                               int64_t h_stride0, int64_t v_stride0, int64_t out_stride0, int dtype, int vec_dtype,
+                               int w_dtype, bool norm);
+// Constants (name -> value) and the threads per block (one row per block) for a hidden size.
+std::vector<std::pair<std::string, int64_t>> pllm_steer_constants();
+int64_t pllm_steer_block_threads(int64_t hidden);
+// steer_emu.cpp: the same kernels on the CPU emulator (host pointers, no stream; tests only).
+void pllm_steer_add_emu(uintptr_t h, uintptr_t vectors, uintptr_t slot_modes, uintptr_t token_slots,
+                        uintptr_t token_scales, int64_t num_tokens, int64_t hidden, int64_t num_slots, int64_t k,
+                        int64_t h_stride0, int64_t v_stride0, int dtype, int vec_dtype);
+void pllm_steer_rmsnorm_emu(uintptr_t out, uintptr_t h, uintptr_t weight, uintptr_t vectors, uintptr_t slot_modes,
+                            uintptr_t token_slots, uintptr_t token_scales, int64_t num_tokens, int64_t hidden,
+                            int64_t num_slots, int64_t k, int64_t h_stride0, int64_t v_stride0, int64_t out_stride0,
+                            double eps, double weight_offset, int dtype, int vec_dtype, int w_dtype);

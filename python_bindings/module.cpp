@@ -81,4 +81,36 @@ PYBIND11_MODULE(_C, m) {
   m.def("lora_smem_bytes", &pllm_lora_smem_bytes, py::arg("h_in"), py::arg("k"), py::arg("num_slices"),
         py::arg("max_rank"), py::arg("elem_bytes"), py::arg("nt"),
         "Dynamic shared memory bytes of [bgmv shrink, bgmv expand, fused] for these sizes.");
+
+  // ---- per-token activation steering (csrc/steer.cu; semantics pllm_kernels/reference/steer.py) -----------------
+  const char* steer_add_doc =
+      "steer_add(h, vectors, slot_modes, token_slots, token_scales, num_tokens, hidden, num_slots, k, h_stride0, "
+      "v_stride0, dtype, vec_dtype, stream): steer h (T, H) in place, each token's K slots applied in order (modes: add "
+      "0, ablate 1, ablate_add 2, norm_preserve 3); rows whose slots are all -1 are not written. Pointers as ints, "
+      "element row strides, dtype codes (vec_dtype: float32 or dtype), cudaStream_t as int. Asynchronous.";
+  const char* steer_rmsnorm_doc =
+      "steer_rmsnorm(out, h, weight, vectors, slot_modes, token_slots, token_scales, num_tokens, hidden, num_slots, k, "
+      "h_stride0, v_stride0, out_stride0, eps, weight_offset, dtype, vec_dtype, w_dtype, stream): steer h in place "
+      "(as steer_add) and write RMSNorm(h steered) into out (T, H); weight_offset 0 Llama-style, 1 Gemma-style.";
+  m.def("steer_add", &pllm_steer_add, steer_add_doc);
+  m.def("steer_rmsnorm", &pllm_steer_rmsnorm, steer_rmsnorm_doc);
+  m.def("steer_add_emu", &pllm_steer_add_emu,
+        "steer_add on the CPU emulator (host pointers; no stream argument). Tests only.");
+  m.def("steer_rmsnorm_emu", &pllm_steer_rmsnorm_emu,
+        "steer_rmsnorm on the CPU emulator (host pointers; no stream argument). Tests only.");
+  m.def("steer_kernels", &pllm_steer_kernels, "Names of the compiled steering kernel variants.");
+  m.def("steer_variant", &pllm_steer_variant, py::arg("h"), py::arg("out"), py::arg("weight"), py::arg("vectors"),
+        py::arg("hidden"), py::arg("h_stride0"), py::arg("v_stride0"), py::arg("out_stride0"), py::arg("dtype"),
+        py::arg("vec_dtype"), py::arg("w_dtype"), py::arg("norm"),
+        "The steering kernel variant (16-byte or scalar accesses) a call with these pointers and strides runs.");
+  m.def(
+      "steer_constants",
+      []() {
+        py::dict d;
+        for (const auto& kv : pllm_steer_constants()) d[py::str(kv.first)] = kv.second;
+        return d;
+      },
+      "Constants of the steering kernels (csrc/include/pllm/steer.cuh): values per thread, max threads, max hidden.");
+  m.def("steer_block_threads", &pllm_steer_block_threads, py::arg("hidden"),
+        "Threads per block (one token row per block) of the steering kernels for a hidden size.");
 }
