@@ -30,10 +30,22 @@ def _triton_supports(device, dtype):
     return None
 
 
+def _cuda():
+    from pllm_kernels.cuda import steer as cu_steer
+
+    return cu_steer
+
+
+def _cuda_supports(device, dtype):
+    return _cuda().supports(device, dtype)
+
+
 _STEER = OpTable("steer_add", torch=Impl(torch_steer.steer_add_torch),
-                 triton=Impl(lambda *a: _triton().steer_add_triton(*a), _triton_supports))
+                 triton=Impl(lambda *a: _triton().steer_add_triton(*a), _triton_supports),
+                 cuda=Impl(lambda *a: _cuda().steer_add_cuda(*a), _cuda_supports))
 _STEER_NORM = OpTable("steer_rmsnorm", torch=Impl(torch_steer.steer_rmsnorm_torch),
-                      triton=Impl(lambda *a: _triton().steer_rmsnorm_triton(*a), _triton_supports))
+                      triton=Impl(lambda *a: _triton().steer_rmsnorm_triton(*a), _triton_supports),
+                      cuda=Impl(lambda *a: _cuda().steer_rmsnorm_cuda(*a), _cuda_supports))
 
 
 def _rows_ok(h: torch.Tensor) -> bool:
