@@ -130,7 +130,7 @@ def test_resource_report_no_spills():
             bad.append(f"{pretty}: {e.registers} registers")
         elif e.smem > 48 * 1024:
             bad.append(f"{pretty}: {e.smem} bytes static shared memory")
-        elif "lora" in e.name and e.stack:
+        elif ("lora" in e.name or "steer" in e.name) and e.stack:
             bad.append(f"{pretty}: {e.stack} bytes stack frame (local memory)")
     assert not bad, "resource report " + str(path) + ":\n" + "\n".join(bad)
 
