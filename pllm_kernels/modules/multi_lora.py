@@ -79,6 +79,8 @@ class LoRAGroup:
         return None if any(m is None for m in layers) else layers
 
     def _validate_key(self, member: str, x2: torch.Tensor, meta):
+        if torch.compiler.is_compiling():  # traced: checked in eager before, and data_ptr() would break the graph
+            return self._validated, False
         g = self.buffers
         vkey = (x2.device, x2.dtype, meta.num_slots, meta.k, g.lora_a.data_ptr(), g.lora_a.device)
         validate = self._validated != vkey
@@ -223,8 +225,11 @@ class MultiLoRALinear(nn.Module):
             return runtime.serve(name, y, x, x2, batch, meta, self.lora_backend, self.lora_strategy)
         # Full argument checks once per (device, dtype, routing layout, buffer placement); after that the per-call
         # checks are skipped (~150 calls per decode step): the store validated the adapters and built the routing.
-        key = (x2.device, x2.dtype, y2.dtype, meta.num_slots, meta.k, buf.lora_a.data_ptr(), buf.lora_a.device)
-        validate = self.__dict__.get("_validated") != key
+        if torch.compiler.is_compiling():  # traced: checked in eager before, and data_ptr() would break the graph
+            key, validate = self.__dict__.get("_validated"), False
+        else:
+            key = (x2.device, x2.dtype, y2.dtype, meta.num_slots, meta.k, buf.lora_a.data_ptr(), buf.lora_a.device)
+            validate = self.__dict__.get("_validated") != key
         if validate:
             _check_device(self.lora_name, x2, buf.lora_a)
         out = y2 if y2.dtype == x2.dtype else torch.zeros(y2.shape, dtype=x2.dtype, device=x2.device)
