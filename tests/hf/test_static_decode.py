@@ -208,13 +208,19 @@ def test_sliding_window_beyond_the_window_refused():
 def test_compile_matches_eager_and_compiles_once(served):
     """decode="compile" on CPU (plain torch.compile of the static step, inductor): one compile for the bucket,
     eager's tokens for two calls with other users. 20-35 s on a busy 2-core CPU with a cold inductor cache."""
+    from torch._dynamo.utils import counters
+
     pm, ids, mask = served
     before = pm.static_decode_stats()["compiles"]
+    counters.clear()
     t0 = time.perf_counter()
     for users in (USERS_A, USERS_B):
         got = _gen(pm, ids, mask, users, "compile")
         assert torch.equal(got, _gen(pm, ids, mask, users)), f"users {users}: compiled tokens differ"
     assert pm.static_decode_stats()["compiles"] == before + 1, "one compiled step per bucket, reused across calls"
+    # the whole decode step (every patched layer, the routing read from the pinned batch) is one graph
+    assert not counters["graph_break"], f"graph breaks: {dict(counters['graph_break'])}"
+    assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
     print(f"compile path, 2 calls incl. compilation: {time.perf_counter() - t0:.1f} s")
 
 
