@@ -94,6 +94,14 @@ def _tile_slice(j, off0, off1, off2, off3, size0, size1, size2, size3, ts1, ts2,
 
 
 @triton.jit
+def _slice_out(s, y0_ptr, y1_ptr, y2_ptr, y3_ptr, syt0, syt1, syt2, syt3):
+    """Output of slice ``s`` of the launch group: its own tensor (first column of the slice) and row stride."""
+    y_ptr = tl.where(s == 0, y0_ptr, tl.where(s == 1, y1_ptr, tl.where(s == 2, y2_ptr, y3_ptr)))
+    syt = tl.where(s == 0, syt0, tl.where(s == 1, syt1, tl.where(s == 2, syt2, syt3)))
+    return y_ptr, syt
+
+
+@triton.jit
 def _rank_limit(rank, VEC_R: tl.constexpr):
     """Load bound of the rank dimension as the compiler must see it to emit 128-bit loads of B (and v).
 
@@ -217,10 +225,11 @@ def _lora_shrink_bgmv_kernel(
 
 @triton.jit
 def _lora_expand_sgmv_kernel(
-    y_ptr, v_ptr, b_ptr, ranks_ptr, scales_ptr, w_ptr, pairs_ptr, seg_slot_ptr, seg_start_ptr, seg_len_ptr,
+    y0_ptr, y1_ptr, y2_ptr, y3_ptr, v_ptr, b_ptr, ranks_ptr, scales_ptr, w_ptr, pairs_ptr, seg_slot_ptr, seg_start_ptr,
+    seg_len_ptr,
     T, num_slots, max_rank, kc, s_base,
     off0, off1, off2, off3, size0, size1, size2, size3, ts1, ts2, ts3,
-    syt, syn, sv0, sv1, sv2, sb0, sb1, sb2, swt, swk, sp, sg0, sg1,
+    syt0, syt1, syt2, syt3, syn, sv0, sv1, sv2, sb0, sb1, sb2, swt, swk, sp, sg0, sg1,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, VEC_R: tl.constexpr,
 ):
     """SGMV expand of k column ``kc``. Grid ``(G chunks, total N tiles of the slice group)``."""
@@ -270,7 +279,8 @@ def _lora_expand_sgmv_kernel(
             lo = (vt - hi.to(tl.float32)).to(bt.dtype)
             acc = tl.dot(hi, bt, acc)
             acc = tl.dot(lo, bt, acc)
-    y_ptrs = y_ptr + t.to(tl.int64)[:, None] * syt + cols[None, :] * syn
+    y_ptr, syt = _slice_out(s, y0_ptr, y1_ptr, y2_ptr, y3_ptr, syt0, syt1, syt2, syt3)
+    y_ptrs = y_ptr + t.to(tl.int64)[:, None] * syt + offs_n[None, :] * syn
     mask = m_ok[:, None] & n_ok[None, :]
     yv = tl.load(y_ptrs, mask=mask, other=0.0)
     tl.store(y_ptrs, (yv.to(tl.float32) + acc * coef[:, None]).to(yv.dtype), mask=mask)
@@ -278,10 +288,10 @@ def _lora_expand_sgmv_kernel(
 
 @triton.jit
 def _lora_expand_bgmv_kernel(
-    y_ptr, v_ptr, b_ptr, ranks_ptr, scales_ptr, slots_ptr, w_ptr,
+    y0_ptr, y1_ptr, y2_ptr, y3_ptr, v_ptr, b_ptr, ranks_ptr, scales_ptr, slots_ptr, w_ptr,
     T, K, num_slots, max_rank, s_base,
     off0, off1, off2, off3, size0, size1, size2, size3, ts1, ts2, ts3,
-    syt, syn, svq, sv0, sv1, sv2, sb0, sb1, sb2, sst, ssk, swt, swk,
+    syt0, syt1, syt2, syt3, syn, svq, sv0, sv1, sv2, sb0, sb1, sb2, sst, ssk, swt, swk,
     BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, VEC_R: tl.constexpr, P: tl.constexpr,
 ):
     """BGMV expand. Grid ``(T, total N tiles)``; the K slots of the token are summed before one y update.
@@ -325,17 +335,18 @@ def _lora_expand_bgmv_kernel(
     if touched == 0:
         return
     delta = tl.sum(acc, axis=1)
-    y_ptrs = y_ptr + t.to(tl.int64) * syt + cols * syn
+    y_ptr, syt = _slice_out(s, y0_ptr, y1_ptr, y2_ptr, y3_ptr, syt0, syt1, syt2, syt3)
+    y_ptrs = y_ptr + t.to(tl.int64) * syt + offs_n * syn
     yv = tl.load(y_ptrs, mask=n_ok, other=0.0)
     tl.store(y_ptrs, (yv.to(tl.float32) + delta).to(yv.dtype), mask=n_ok)
 
 
 @triton.jit
 def _lora_fused_kernel(
-    y_ptr, x_ptr, a_ptr, b_ptr, ranks_ptr, scales_ptr, slots_ptr, w_ptr,
+    y0_ptr, y1_ptr, y2_ptr, y3_ptr, x_ptr, a_ptr, b_ptr, ranks_ptr, scales_ptr, slots_ptr, w_ptr,
     T, H, num_slots, max_rank, n_split, total_tiles,
     off0, off1, off2, off3, size0, size1, size2, size3, ts1, ts2, ts3,
-    sxt, sxh, sa0, sa1, sa2, sa3, syt, syn, sb0, sb1, sb2, sst, ssk, swt, swk,
+    sxt, sxh, sa0, sa1, sa2, sa3, syt0, syt1, syt2, syt3, syn, sb0, sb1, sb2, sst, ssk, swt, swk,
     S: tl.constexpr, K: tl.constexpr, K_PAD: tl.constexpr, S_PAD: tl.constexpr, R_PAD: tl.constexpr,
     BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, VEC_R: tl.constexpr,
 ):
@@ -346,13 +357,12 @@ def _lora_fused_kernel(
     its columns as one contiguous, 128-bit vectorizable run (rank-major would interleave the slices)."""
     t = tl.program_id(0)
     pid1 = tl.program_id(1)
-    BLOCK_SR: tl.constexpr = S_PAD * R_PAD
-    offs_j = tl.arange(0, BLOCK_SR)  # combined (slice s = j // R_PAD, rank row i = j % R_PAD)
+    offs_j = tl.arange(0, S_PAD * R_PAD)  # combined (slice s = j // R_PAD, rank row i = j % R_PAD)
     s_of_j = offs_j // R_PAD
     i_of_j = offs_j % R_PAD
     k_ids = tl.arange(0, K_PAD)
     x_row = x_ptr + t.to(tl.int64) * sxt
-    vmat = tl.zeros((K_PAD, BLOCK_SR), dtype=tl.float32)
+    vmat = tl.zeros((K_PAD, S_PAD * R_PAD), dtype=tl.float32)
     touched = 0
     for kc in tl.static_range(K):
         slot = tl.load(slots_ptr + t * sst + kc * ssk)
@@ -362,7 +372,7 @@ def _lora_fused_kernel(
         rank = tl.where(ok, tl.minimum(tl.maximum(tl.load(ranks_ptr + slot).to(tl.int32), 0), max_rank), 0)
         j_ok = (i_of_j < rank) & (s_of_j < S)
         a_rows = a_ptr + slot.to(tl.int64) * sa0 + s_of_j * sa1 + i_of_j * sa2
-        part = tl.zeros((BLOCK_SR, BLOCK_K), dtype=tl.float32)
+        part = tl.zeros((S_PAD * R_PAD, BLOCK_K), dtype=tl.float32)
         for h0 in range(0, tl.where(rank > 0, H, 0), BLOCK_K):
             offs_h = h0 + tl.arange(0, BLOCK_K)
             h_ok = offs_h < H
@@ -379,6 +389,8 @@ def _lora_fused_kernel(
         off = off0 if s == 0 else (off1 if s == 1 else (off2 if s == 2 else off3))
         size = size0 if s == 0 else (size1 if s == 1 else (size2 if s == 2 else size3))
         ts = 0 if s == 0 else (ts1 if s == 1 else (ts2 if s == 2 else ts3))
+        y_ptr = y0_ptr if s == 0 else (y1_ptr if s == 1 else (y2_ptr if s == 2 else y3_ptr))
+        syt = syt0 if s == 0 else (syt1 if s == 1 else (syt2 if s == 2 else syt3))
         # v of slice s for every k slot: (K_PAD, R_PAD)
         vks = tl.sum(tl.reshape(tl.where(s_of_j[None, :] == s, vmat, 0.0), (K_PAD, S_PAD, R_PAD)), axis=1)
         first = ts + (pid1 - ts % n_split + n_split) % n_split  # first flat tile >= ts owned by this program
@@ -401,7 +413,7 @@ def _lora_fused_kernel(
                 bt = tl.where(r_ok[None, :], bt, tl.zeros_like(bt))
                 acc += bt.to(tl.float32) * vk[None, :]
             delta = tl.sum(acc, axis=1)
-            y_ptrs = y_ptr + t.to(tl.int64) * syt + cols * syn
+            y_ptrs = y_ptr + t.to(tl.int64) * syt + offs_n * syn
             yv = tl.load(y_ptrs, mask=n_ok, other=0.0)
             tl.store(y_ptrs, (yv.to(tl.float32) + delta).to(yv.dtype), mask=n_ok)
 
@@ -431,11 +443,12 @@ def fused_blocks(max_rank: int, num_slices: int, tile: int | None = None) -> dic
 
     ``BLOCK_SR = next_pow2(R*S)`` is what :func:`choose_path` compares with ``FUSED_MAX_SR`` (the CUDA backend
     applies the same rule); the kernel holds v slice-major as ``S_PAD x R_PAD`` (powers of two, ``R_PAD >= 8``
-    for 16-byte B loads), at most twice that."""
+    for 16-byte B loads), at most twice that. ``BLOCK_N >= 32``: with 16 output columns per B tile (R = 64,
+    S = 3) ptxas (13.x, as Triton 3.9 drives it) caps the kernel at 80 registers and spills one."""
     sr = max(16, triton.next_power_of_2(max_rank * num_slices))
     s_pad, r_pad = triton.next_power_of_2(num_slices), max(8, triton.next_power_of_2(max_rank))
     side = max(16, (tile or LORA_CONFIGS["fused"]["FUSED_TILE"]) // (s_pad * r_pad))
-    return {"BLOCK_SR": sr, "S_PAD": s_pad, "R_PAD": r_pad, "BLOCK_K": side, "BLOCK_N": side}
+    return {"BLOCK_SR": sr, "S_PAD": s_pad, "R_PAD": r_pad, "BLOCK_K": side, "BLOCK_N": max(32, side)}
 
 
 def split_k_for(programs: int, h_in: int, block_k: int, num_sms: int, max_split: int = MAX_SPLIT_K) -> int:
@@ -560,7 +573,7 @@ def _launch_shrink(x, lora_a, slot_ranks, token_slots, sorted_pairs, seg_slot, s
     K = token_slots.shape[1]
     m = sgmv_block_m(chunk)
     kernel = "shrink_" + path
-    cfg = _config(kernel, x.device, pairs=T * K, rank=R, dim=H, **({"m": m} if path == "sgmv" else {}))
+    cfg = _config(kernel, x.device, pairs=T * K, rank=R * S, dim=H, **({"m": m} if path == "sgmv" else {}))
     n_tiles = triton.cdiv(R * S, cfg["BLOCK_N"])
     programs = (triton.cdiv(T * K, m) if path == "sgmv" else T * K) * n_tiles  # busy programs (no sync)
     split = _split_of(cfg, programs, H, _num_sms(x.device))
@@ -593,15 +606,47 @@ def _launch_shrink(x, lora_a, slot_ranks, token_slots, sorted_pairs, seg_slot, s
     return v, split
 
 
+def _outputs(y, slice_sizes) -> tuple[list, int]:
+    """Per-slice outputs and their shared column stride: the column slices of one ``(T, sum(slice_sizes))`` tensor,
+    or the given tuple / list of one ``(T, n_s)`` tensor per slice (any row stride, column stride 1)."""
+    if isinstance(y, torch.Tensor):
+        views, off = [], 0
+        for n in slice_sizes:
+            views.append(y[:, off : off + n])
+            off += n
+        return views, y.stride(1)
+    ys = list(y)
+    if len(ys) != len(slice_sizes):
+        raise ValueError(f"y: got {len(ys)} output tensors for {len(slice_sizes)} slices")
+    for i, (t, n) in enumerate(zip(ys, slice_sizes)):
+        if t.dim() != 2 or t.shape[1] != n or t.shape[0] != ys[0].shape[0]:
+            raise ValueError(f"y[{i}]: expected shape ({ys[0].shape[0]}, {n}), got {tuple(t.shape)}")
+        if n > 1 and t.stride(1) != 1:
+            raise ValueError(f"y[{i}]: columns must be contiguous (stride 1), got stride {t.stride(1)}")
+    return ys, 1
+
+
+def _group_outputs(views: list, s_base: int) -> tuple[list, list]:
+    """The 4 output tensors and row strides of the launch group starting at slice ``s_base`` (unused: repeated)."""
+    group = views[s_base : s_base + _MAX_SLICES]
+    group = group + [group[0]] * (_MAX_SLICES - len(group))
+    return group, [t.stride(0) for t in group]
+
+
+def _num_rows(y) -> int:
+    return y.shape[0] if isinstance(y, torch.Tensor) else (y[0].shape[0] if len(y) else 0)
+
+
 def _launch_expand(y, v, lora_b, slot_ranks, slot_scales, token_slots, token_weights, sorted_pairs, seg_slot,
                    seg_start, seg_len, slice_sizes, *, chunk, path, partials=1):
     """Launch the expand; ``path`` resolved; ``v`` is ``(S, K*T, R)`` or (BGMV) ``(partials, S, K*T, R)``."""
-    T = y.shape[0]
+    T = _num_rows(y)
+    views, syn = _outputs(y, slice_sizes)
     L, N, R = lora_b.shape
     K = token_slots.shape[1]
     m = sgmv_block_m(chunk)
     kernel = "expand_" + path
-    cfg = _config(kernel, y.device, pairs=T * K, rank=R, dim=N, **({"m": m} if path == "sgmv" else {}))
+    cfg = _config(kernel, lora_b.device, pairs=T * K, rank=R, dim=N, **({"m": m} if path == "sgmv" else {}))
     groups = slice_groups(slice_sizes, cfg["BLOCK_N"])
     v3, svq = (v[0], v.stride(0)) if v.dim() == 4 else (v, 0)
     vec = vec_r(R, lora_b.stride(0), lora_b.stride(1), v3.stride(0), v3.stride(1), svq)
@@ -610,19 +655,21 @@ def _launch_expand(y, v, lora_b, slot_ranks, slot_scales, token_slots, token_wei
         G = seg_slot.shape[1]
         for kc in range(K):
             for s_base, sl, tiles in groups:
+                ys, syt = _group_outputs(views, s_base)
                 _lora_expand_sgmv_kernel[(G, tiles)](
-                    y, v3, lora_b, slot_ranks, slot_scales, token_weights, sorted_pairs, seg_slot, seg_start, seg_len,
-                    T, L, R, kc, s_base, *sl,
-                    *y.stride(), *v3.stride(), *lora_b.stride(), *token_weights.stride(), sorted_pairs.stride(0),
+                    *ys, v3, lora_b, slot_ranks, slot_scales, token_weights, sorted_pairs, seg_slot, seg_start,
+                    seg_len, T, L, R, kc, s_base, *sl,
+                    *syt, syn, *v3.stride(), *lora_b.stride(), *token_weights.stride(), sorted_pairs.stride(0),
                     *seg_slot.stride(),
                     **_expand_constexprs("sgmv", chunk, vec, cfg), **opts,
                 )
     else:
         for s_base, sl, tiles in groups:
+            ys, syt = _group_outputs(views, s_base)
             _lora_expand_bgmv_kernel[(T, tiles)](
-                y, v3, lora_b, slot_ranks, slot_scales, token_slots, token_weights,
+                *ys, v3, lora_b, slot_ranks, slot_scales, token_slots, token_weights,
                 T, K, L, R, s_base, *sl,
-                *y.stride(), svq, *v3.stride(), *lora_b.stride(), *token_slots.stride(), *token_weights.stride(),
+                *syt, syn, svq, *v3.stride(), *lora_b.stride(), *token_slots.stride(), *token_weights.stride(),
                 **_expand_constexprs("bgmv", chunk, vec, cfg, partials), **opts,
             )
 
@@ -653,10 +700,12 @@ def lora_expand_triton(
 ) -> None:
     """``y[t, off_s:off_s+n_s] += sum_k w[t,k] * scale[slot] * v[s, k*T+t, :r] @ lora_b[slot, off_s:.., :r].T``.
 
-    y ``(T, sum(slice_sizes))`` in place, any strides; v ``(S, K*T, R)`` fp32; lora_b ``(L, N_total, R)``;
-    slot_scales ``(L,)`` fp32; token_weights ``(T, K)`` fp32; slice_sizes: python ints (may differ, GQA).
-    SGMV launches once per k column (race-free); BGMV sums the K slots of a token in registers."""
-    T = y.shape[0]
+    y ``(T, sum(slice_sizes))`` in place, any strides, or a tuple / list of one ``(T, n_s)`` tensor per slice (any
+    row stride, column stride 1: q / k / v outputs written in place by the same launch); v ``(S, K*T, R)`` fp32;
+    lora_b ``(L, N_total, R)``; slot_scales ``(L,)`` fp32; token_weights ``(T, K)`` fp32; slice_sizes: python ints
+    (may differ, GQA). SGMV launches once per k column (race-free); BGMV sums the K slots of a token in registers.
+    Up to 4 slices per launch (more: one launch per group of 4)."""
+    T = _num_rows(y)
     R = lora_b.shape[2]
     K = token_slots.shape[1]
     path = choose_path(path, T * K, "expand")
@@ -670,7 +719,8 @@ def lora_apply_triton(
     y, x, lora_a, lora_b, slot_ranks, slot_scales, token_slots, token_weights, sorted_pairs, seg_slot, seg_start,
     seg_len, slice_sizes, *, chunk, path="auto",
 ) -> None:
-    """``y += sum_k w * scale * (x @ A.T) @ B.T`` per token and slice (shrink + expand).
+    """``y += sum_k w * scale * (x @ A.T) @ B.T`` per token and slice (shrink + expand). ``y``: one
+    ``(T, sum(slice_sizes))`` tensor or one ``(T, n_s)`` tensor per slice (see :func:`lora_expand_triton`).
 
     ``path="fused"`` (auto for ``T*K <= FUSED_MAX_PAIRS``): one kernel, v in registers, K slots summed in one
     program (deterministic). Otherwise shrink + expand through an fp32 scratch (vLLM ``add_lora_linear``), both on
@@ -679,6 +729,7 @@ def lora_apply_triton(
     T, H = x.shape
     L, S, R, _ = lora_a.shape
     K = token_slots.shape[1]
+    _outputs(y, slice_sizes)  # per-slice outputs: refused before anything is launched
     if T == 0 or R == 0 or S == 0:
         return
     blocks = fused_blocks(R, S)
@@ -694,17 +745,26 @@ def lora_apply_triton(
         return
     if S > _MAX_SLICES:
         raise ValueError(f"the fused kernel handles at most {_MAX_SLICES} slices, got {S}")
-    cfg = _config("fused", x.device, pairs=T * K, rank=R, dim=H)
+    if T == 0:
+        return
+    cfg = _config("fused", x.device, pairs=T * K, rank=R * S, dim=H)
     cx = _fused_constexprs(R, S, K, vec_r(R, lora_b.stride(0), lora_b.stride(1)), cfg)
     (_, sl, tiles), = slice_groups(slice_sizes, cx["BLOCK_N"])
     n_split = max(1, min(tiles, triton.cdiv(_num_sms(x.device), T)))
+    views, syn = _outputs(y, slice_sizes)
+    ys, syt = _group_outputs(views, 0)
     _lora_fused_kernel[(T, n_split)](
-        y, x, lora_a, lora_b, slot_ranks, slot_scales, token_slots, token_weights,
+        *ys, x, lora_a, lora_b, slot_ranks, slot_scales, token_slots, token_weights,
         T, H, L, R, n_split, tiles, *sl,
-        x.stride(0), x.stride(1), *lora_a.stride(), *y.stride(), *lora_b.stride(), *token_slots.stride(),
+        x.stride(0), x.stride(1), *lora_a.stride(), *syt, syn, *lora_b.stride(), *token_slots.stride(),
         *token_weights.stride(),
         **cx, **_launch_opts("fused", cfg=cfg),
     )
+
+
+# The op layer (ops.lora_apply with one output per slice) passes a tuple of outputs when the launcher says it can.
+lora_expand_triton.sliced_outputs = True
+lora_apply_triton.sliced_outputs = True
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -712,10 +772,11 @@ def lora_apply_triton(
 # ----------------------------------------------------------------------------------------------------------------
 _UNIT_STRIDES = ("sxh", "sa3", "syn", "sb2", "so2", "sv2", "sp")  # JIT specializes these == 1 (contiguous rows)
 # Ints the JIT sees as multiples of 16 for real model shapes (hidden sizes, ranks, slice widths): same hint in AOT.
-_DIV16_ARGS = ("H", "sxt", "sa0", "sa1", "sa2", "syt", "sb0", "sb1", "sv0", "sv1", "svq", "so0", "so1", "sok",
-               "off0", "off1", "off2", "off3", "size0", "size1", "size2", "size3")
+_DIV16_ARGS = ("H", "sxt", "sa0", "sa1", "sa2", "syt0", "syt1", "syt2", "syt3", "sb0", "sb1", "sv0", "sv1", "svq",
+               "so0", "so1", "sok", "off0", "off1", "off2", "off3", "size0", "size1", "size2", "size3")
 _PTR_TYPES = {
-    "x_ptr": "act", "a_ptr": "act", "b_ptr": "act", "y_ptr": "act", "out_ptr": "fp32", "v_ptr": "fp32",
+    "x_ptr": "act", "a_ptr": "act", "b_ptr": "act", "y0_ptr": "act", "y1_ptr": "act", "y2_ptr": "act",
+    "y3_ptr": "act", "out_ptr": "fp32", "v_ptr": "fp32",
     "scales_ptr": "fp32", "w_ptr": "fp32",
 }
 

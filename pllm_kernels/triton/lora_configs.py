@@ -1,10 +1,10 @@
 """Launch configurations of the multi-LoRA Triton kernels: hand-picked defaults and a per-shape table tuned offline.
 
 Every launch of :mod:`pllm_kernels.triton.lora` asks :func:`lookup` for its block sizes, warps, stages and split-K
-with the launch's shape: ``pairs`` (``T*K`` token-slot pairs), ``rank`` (the buffer's max rank ``R``), ``dim`` (the
-reduction / output width: ``h_in`` for shrink and fused, the slice group's total width for expand) and ``m``
-(``BLOCK_M`` of the SGMV kernels, the metadata chunk). The answer is :data:`DEFAULTS` of the kernel overlaid with
-the best matching entry of the table (none: the defaults as they are).
+with the launch's shape: ``pairs`` (``T*K`` token-slot pairs), ``rank`` (the width of v per token: ``R*S`` for
+shrink and fused, the buffer's max rank ``R`` for expand), ``dim`` (``h_in`` for shrink and fused, the total
+output width ``N`` for expand) and ``m`` (``BLOCK_M`` of the SGMV kernels, the metadata chunk). The answer is
+:data:`DEFAULTS` of the kernel overlaid with the best matching entry of the table (none: the defaults as they are).
 
 The table is ``lora_configs.json`` next to this file (shipped with the package), or the file named by
 ``$PLLM_LORA_CONFIGS``; ``python -m pllm_kernels.bench.tune_lora --out FILE`` writes one on a GPU. Format::
@@ -55,7 +55,8 @@ DEFAULTS: dict[str, dict[str, int]] = {
     # (128 columns: ptxas caps the kernel at 80 registers and spills one across the rank loop.) 64 also gives
     # twice the programs at decode sizes (T = 1: 96 programs for Llama-3-8B qkv instead of 48 on 132 SMs).
     "expand_bgmv": {"BLOCK_N": 64, "BLOCK_R": 32, "num_warps": 4, "num_stages": 2},
-    # register tiles of FUSED_TILE elements: BLOCK_K = BLOCK_N = FUSED_TILE // (S_PAD * R_PAD) (>= 16).
+    # register tiles of FUSED_TILE elements: BLOCK_K = FUSED_TILE // (S_PAD * R_PAD) (>= 16), BLOCK_N the same
+    # (>= 32), see lora.fused_blocks.
     "fused": {"FUSED_TILE": 4096, "num_warps": 4, "num_stages": 1},
 }
 

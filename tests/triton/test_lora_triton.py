@@ -359,3 +359,83 @@ def test_split_k_fills_the_sms():
     assert split_k_for(2, 100, 128, 132) == 1  # h_in below one BLOCK_K: no split
     assert split_k_for(2, 4096, 64, 132, max_split=16) == 16
     assert split_k_for(2, 4096, 64, 16) == 8  # fewer SMs, fewer splits
+
+
+def _split_outputs(d, sizes, g):
+    """One output tensor per slice, each a column window of its own wider tensor (own row stride), with -0.0
+    planted; returns (outputs, their parents, clones of the parents)."""
+    parents, outs = [], []
+    for i, n in enumerate(sizes):
+        p = torch.randn(d["y"].shape[0], n + 3 + 2 * i, generator=g).to(d["y"].dtype)
+        p[:, ::3] = -0.0
+        p[:, 1 : 1 + n] = d["y"][:, sum(sizes[:i]) : sum(sizes[:i]) + n]
+        parents.append(p)
+        outs.append(p[:, 1 : 1 + n])
+    return outs, parents, [p.clone() for p in parents]
+
+
+def _check_split(d, outs, parents, parents0, ref, dtype, sizes):
+    has = (d["slots"] >= 0).any(1)
+    y = torch.cat(outs, dim=1)
+    _assert_close(y[has], ref[has], dtype)
+    for i, (p, p0) in enumerate(zip(parents, parents0)):
+        n = sizes[i]
+        assert_bitwise_equal(p[:, :1], p0[:, :1], msg=f"left of output {i}")
+        assert_bitwise_equal(p[:, 1 + n :], p0[:, 1 + n :], msg=f"right of output {i}")
+        assert_bitwise_equal(p[~has], p0[~has], msg=f"rows without adapter, output {i}")
+
+
+@interpreter
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("path,name", [("sgmv", "qkv_k2"), ("sgmv", "six_slices"), ("bgmv", "qkv_k2"),
+                                       ("bgmv", "six_slices"), ("bgmv", "decode1"), ("fused", "qkv_small"),
+                                       ("fused", "r12")])
+def test_apply_one_output_per_slice(path, name, dtype):
+    """``y`` as one tensor per slice (each with its own row stride): each slice's delta lands in its own tensor, in
+    the same launch (one per group of 4 slices), equal to the reference on the concatenated outputs; columns
+    around each output and rows without adapter bit-for-bit untouched."""
+    case = CASES[name]
+    g = _gen("split", path, name, dtype)
+    d = _build(case, dtype, g)
+    m = d["meta"]
+    outs, parents, parents0 = _split_outputs(d, case.sizes, g)
+    y_cat = torch.cat(outs, dim=1)
+    ref = lora_apply_ref(y_cat.double(), d["x"].double(), d["lora_a"].double(), d["lora_b"].double(), d["slots"],
+                         d["weights"].double(), d["ranks"], d["scales"].double(), case.sizes)
+    assert lora_apply_triton.sliced_outputs
+    lora_apply_triton(tuple(outs), d["x"], d["lora_a"], d["lora_b"], d["ranks"], d["scales"], m.token_slots,
+                      m.token_weights, m.sorted_pairs, m.seg_slot, m.seg_start, m.seg_len, case.sizes,
+                      chunk=m.chunk, path=path)
+    _check_split(d, outs, parents, parents0, ref, dtype, case.sizes)
+
+
+@interpreter
+@pytest.mark.parametrize("path,name", [("sgmv", "six_slices"), ("bgmv", "qkv_k2"), ("bgmv", "r12")])
+def test_expand_one_output_per_slice(path, name):
+    case = CASES[name]
+    dtype = torch.float16
+    g = _gen("split_expand", path, name)
+    d = _build(case, dtype, g)
+    m = d["meta"]
+    v = torch.randn(case.S, case.K * case.T, case.R, generator=g)
+    outs, parents, parents0 = _split_outputs(d, case.sizes, g)
+    ref = _expand_ref(d, torch.cat(outs, dim=1), v, case.sizes)
+    lora_expand_triton(list(outs), v, d["lora_b"], d["ranks"], d["scales"], m.token_slots, m.token_weights,
+                       m.sorted_pairs, m.seg_slot, m.seg_start, m.seg_len, case.sizes, chunk=m.chunk, path=path)
+    _check_split(d, outs, parents, parents0, ref, dtype, case.sizes)
+
+
+def test_bad_per_slice_outputs():
+    d = _build(CASES["qkv_small"], torch.float32, _gen("bad_split"))
+    m = d["meta"]
+    args = (d["x"], d["lora_a"], d["lora_b"], d["ranks"], d["scales"], m.token_slots, m.token_weights,
+            m.sorted_pairs, m.seg_slot, m.seg_start, m.seg_len, (32, 16, 16))
+    T = d["x"].shape[0]
+    with pytest.raises(ValueError, match="3 slices"):
+        lora_apply_triton((torch.zeros(T, 32), torch.zeros(T, 16)), *args, chunk=m.chunk, path="bgmv")
+    with pytest.raises(ValueError, match="expected shape"):
+        lora_apply_triton((torch.zeros(T, 32), torch.zeros(T, 16), torch.zeros(T, 8)), *args, chunk=m.chunk,
+                          path="bgmv")
+    with pytest.raises(ValueError, match="stride 1"):
+        lora_apply_triton((torch.zeros(T, 32), torch.zeros(T, 16), torch.zeros(16, T).t()), *args, chunk=m.chunk,
+                          path="bgmv")
