@@ -39,8 +39,11 @@ padding may hold anything, NaN included, and must never reach a row).
 
 Slices of different widths (GQA q/k/v) are handled by mapping a flat tile index onto (slice, tile in slice)
 through scalar tile starts (up to ``_MAX_SLICES`` per launch; more slices are launched in groups), so no tile
-straddles two slices. Tokens with no adapter (slot < 0 or >= num_slots) are never loaded nor stored.
-Host side: no ``.item()`` / ``.tolist()`` on device tensors; grids depend only on shapes.
+straddles two slices. Each slice of a launch group writes through its own output pointer and row stride
+(``y0..y3``): the column windows of one ``y``, or one separate tensor per slice (q / k / v outputs in place).
+Tokens with no adapter (slot < 0 or >= num_slots) are never loaded nor stored.
+Host side: no ``.item()`` / ``.tolist()`` on device tensors; grids depend only on shapes. Block sizes, warps,
+stages and split-K come from :mod:`pllm_kernels.triton.lora_configs` (defaults + a per-shape / GPU table).
 """
 
 from __future__ import annotations
