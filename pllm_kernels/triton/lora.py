@@ -829,8 +829,8 @@ def aot_variants(act_dtype: str = "fp16"):
             yield build(f"shrink_bgmv{label}{'_splitk' if atomic else ''}", _lora_shrink_bgmv_kernel,
                         _shrink_constexprs("bgmv", 3, 16, atomic, cfg), _launch_opts("shrink_bgmv", cfg=cfg))
     for label, cfg in configs("expand_bgmv"):
-        # P = split-K partials summed while loading v (1 .. MAX_SPLIT_K; registers grow with P: both ends + 2)
-        for vec, parts in ((8, 1), (8, 2), (8, MAX_SPLIT_K), (1, 1)) if not label else ((8, 1), (8, MAX_SPLIT_K)):
+        # P = split-K partials summed while loading v (1 .. MAX_SPLIT_K; registers grow with P: both ends)
+        for vec, parts in ((8, 1), (8, MAX_SPLIT_K), (1, 1)) if not label else ((8, 1), (8, MAX_SPLIT_K)):
             yield build(f"expand_bgmv{label}_p{parts}{'_vec1' if vec == 1 else ''}", _lora_expand_bgmv_kernel,
                         _expand_constexprs("bgmv", 16, vec, cfg, parts), _launch_opts("expand_bgmv", cfg=cfg))
     for label, cfg in configs("fused"):
