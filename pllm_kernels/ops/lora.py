@@ -187,9 +187,13 @@ def _lora_apply_sliced_impl(
     strategy: str,
 ) -> None:
     """``lora_apply`` with one output tensor per slice. Backends whose launcher takes per-slice outputs write
-    them directly (torch; Triton when ``lora_apply_triton.sliced_outputs``); the others run on one temporary
-    ``(T, sum(slice_sizes))`` that is then added into each output on the touched rows."""
+    them directly (torch; Triton when ``lora_apply_triton.sliced_outputs``); the others (the CUDA kernels: one
+    ``y``) run on one temporary ``(T, sum(slice_sizes))`` that is then added into each output on the touched rows,
+    so ``auto`` sends such calls to Triton instead."""
     name, impl = _pick(_APPLY, backend, x.device, x.dtype, token_slots.numel())
+    if name == "cuda" and backend == "auto" and _APPLY.impls["triton"] is not None \
+            and getattr(_triton().lora_apply_triton, "sliced_outputs", False):
+        name, impl = "triton", _APPLY.impls["triton"]  # one launch into every output beats a temporary + adds
     if name == "torch":
         impl.fn(list(ys), x, lora_a, lora_b, slot_ranks, slot_scales, token_slots, token_weights, sorted_pairs,
                 slice_sizes, strategy=strategy)
