@@ -13,8 +13,10 @@ number of new tokens (EOS disabled). Backends: ``ours`` (patched model, one meta
 ``peft_mixed`` (PEFT's mixed batch on an identical copy), ``merged`` (one adapter merged into the weights:
 ``merge_and_unload``, the single-adapter ceiling); extra contenders (``--backend all-extra``, and the
 ``cpu-issue`` profile): ``peft_one`` (PEFT with one active adapter, ``set_adapter``, for every row), ``base`` (the
-model without adapters: a separate copy built from the same config and seed) and ``ours_none`` (ours with
-``users=[None] * B``: every row without a user; its tokens must equal ``base``'s exactly in float32).
+model without adapters: a separate copy built from the same config and seed), ``ours_none`` (ours with
+``users=[None] * B``: every row without a user; its tokens must equal ``base``'s exactly in float32) and
+``ours_static`` (ours with ``generate(..., decode="static")``: our own decode loop over a static cache instead of
+HF's ``generate``; informative only, the targets compare ``ours``, which runs HF's loop like every baseline).
 Figures: ``e2e_tok_s`` = B * new_tokens / generate time; ``decode_tok_s`` = B * (new_tokens - 1) /
 (time(new_tokens) - time(1)), the decode-only rate (medians: the median of the per-round differences). Targets (GPU):
 ours >= 5x peft_mixed decode at 32 users, ours within 15 % of merged; (CPU) ours faster than peft_mixed at 8 users.
@@ -53,7 +55,7 @@ from pllm_kernels.bench import harness as H
 
 CSV = "bench_generate.csv"
 BACKENDS = ("ours", "peft_mixed", "merged")
-EXTRA_BACKENDS = ("peft_one", "base", "ours_none")
+EXTRA_BACKENDS = ("peft_one", "base", "ours_none", "ours_static")
 ALL_BACKENDS = BACKENDS + EXTRA_BACKENDS
 # the issue's CPU targets: (numerator, denominator) -> minimum ratio of median decode tok/s
 ISSUE_TARGETS = {("ours", "peft_mixed"): 2.0, ("ours", "merged"): 0.85, ("ours_none", "base"): 0.98}
@@ -94,7 +96,7 @@ def _sync_quietly(device):
 
 def _kind(backend: str) -> str:
     """``kind`` column: the plot table picks its "best" among our backends, not the baselines."""
-    return "ours" if backend == "ours" else "baseline"
+    return "ours" if backend in ("ours", "ours_static") else "baseline"
 
 
 def build_base(prof, seed=0):
@@ -181,7 +183,7 @@ def build_contenders(prof, n_users: int, backends) -> Contenders:
     if "peft_mixed" in backends:
         c.gens["peft_mixed"] = lambda i, m, kw: peft_model.generate(input_ids=i, attention_mask=m,
                                                                     adapter_names=users, **kw)
-    if "ours" in backends or "ours_none" in backends:
+    if "ours" in backends or "ours_none" in backends or "ours_static" in backends:
         pm = patch_model(base, num_slots=n_users, max_rank=max(s["r"] for s in specs.values()))
         c.pm = pm
         for u in users:
@@ -191,6 +193,12 @@ def build_contenders(prof, n_users: int, backends) -> Contenders:
             c.gens["ours"] = lambda i, m, kw: pm.generate(i, attention_mask=m, users=users, **kw)
         if "ours_none" in backends:
             c.gens["ours_none"] = lambda i, m, kw: pm.generate(i, attention_mask=m, users=nobody, **kw)
+        if "ours_static" in backends:
+            def static(i, m, kw):  # no EOS here, so min_new_tokens (not served by the static loop) is moot
+                kw = {k: v for k, v in kw.items() if k != "min_new_tokens"}
+                return pm.generate(i, attention_mask=m, users=users, decode="static", **kw)
+
+            c.gens["ours_static"] = static
     return c
 
 
@@ -280,9 +288,10 @@ def run_case(prof, n_users: int, backends, verbose=True) -> list[dict]:
         print(f"  tokens == base: ours_none {agree_base['ours_none']:.0%} of rows")
     failed_check = {}
     if prof["dtype"] == torch.float32:
-        if agree.get("ours", 1.0) < 1.0:
-            failed_check["ours"] = (f"tokens differ from peft_mixed in {1 - agree['ours']:.0%} of rows "
-                                    "(float32: must be equal)")
+        for name in ("ours", "ours_static"):
+            if agree.get(name, 1.0) < 1.0:
+                failed_check[name] = (f"tokens differ from peft_mixed in {1 - agree[name]:.0%} of rows "
+                                      "(float32: must be equal)")
         if agree_base.get("ours_none", 1.0) < 1.0:
             failed_check["ours_none"] = (f"tokens differ from base in {1 - agree_base['ours_none']:.0%} of rows "
                                          "(float32: must be equal)")
