@@ -132,3 +132,20 @@ void pllm_steer_rmsnorm_emu(uintptr_t out, uintptr_t h, uintptr_t weight, uintpt
                             uintptr_t token_slots, uintptr_t token_scales, int64_t num_tokens, int64_t hidden,
                             int64_t num_slots, int64_t k, int64_t h_stride0, int64_t v_stride0, int64_t out_stride0,
                             double eps, double weight_offset, int dtype, int vec_dtype, int w_dtype);
+
+// ---- decoding.cu: mixing log-prob sources (mix_logprobs) ---------------------------------------------------------
+// Semantics: pllm_kernels/reference/decoding.py; kernel design: csrc/include/pllm/decoding.cuh. out (B, V) float32 =
+// log_softmax(sum_i coefs[b, i] * log_softmax(sources[i, b])); sources (S, B, V) of `dtype` with unit innermost
+// stride, coefs (B, S) float32 (any strides), out with unit innermost stride; 1 <= S <= 64. Element strides.
+// Asynchronous on `stream`; std::runtime_error on bad arguments or when no CUDA device is present.
+void pllm_mix_logprobs(uintptr_t out, uintptr_t sources, uintptr_t coefs, int64_t num_sources, int64_t batch,
+                       int64_t vocab, int64_t src_stride0, int64_t src_stride1, int64_t coef_stride0,
+                       int64_t coef_stride1, int64_t out_stride0, int dtype, uintptr_t stream);
+std::vector<std::string> pllm_decoding_kernels();
+std::vector<std::pair<std::string, int64_t>> pllm_decoding_constants();
+// decoding_emu.cpp: the same kernel on the CPU emulator (host pointers, no stream; tests only), and the kernels'
+// exp / log (pllm/fmath.cuh) evaluated on the host ("exp" or "log"), for accuracy tests.
+void pllm_mix_logprobs_emu(uintptr_t out, uintptr_t sources, uintptr_t coefs, int64_t num_sources, int64_t batch,
+                           int64_t vocab, int64_t src_stride0, int64_t src_stride1, int64_t coef_stride0,
+                           int64_t coef_stride1, int64_t out_stride0, int dtype);
+std::vector<float> pllm_fmath_eval(const std::string& fn, const std::vector<float>& xs);

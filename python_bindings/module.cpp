@@ -113,4 +113,24 @@ PYBIND11_MODULE(_C, m) {
       "Constants of the steering kernels (csrc/include/pllm/steer.cuh): values per thread, max threads, max hidden.");
   m.def("steer_block_threads", &pllm_steer_block_threads, py::arg("hidden"),
         "Threads per block (one token row per block) of the steering kernels for a hidden size.");
+
+  // ---- personalized decoding (csrc/decoding.cu; semantics pllm_kernels/reference/decoding.py) --------------------
+  m.def("mix_logprobs", &pllm_mix_logprobs,
+        "mix_logprobs(out, sources, coefs, num_sources, batch, vocab, src_stride0, src_stride1, coef_stride0, "
+        "coef_stride1, out_stride0, dtype, stream): out (B, V) float32 = log_softmax(sum_i coefs[b, i] * "
+        "log_softmax(sources[i, b])); sources (S, B, V) of dtype, coefs (B, S) float32. Pointers as ints, element "
+        "strides, cudaStream_t as int. Asynchronous.");
+  m.def("mix_logprobs_emu", &pllm_mix_logprobs_emu,
+        "mix_logprobs on the CPU emulator (host pointers; no stream argument). Tests only.");
+  m.def("decoding_kernels", &pllm_decoding_kernels, "Names of the compiled decoding kernel variants.");
+  m.def(
+      "decoding_constants",
+      []() {
+        py::dict d;
+        for (const auto& kv : pllm_decoding_constants()) d[py::str(kv.first)] = kv.second;
+        return d;
+      },
+      "Constants of the decoding kernels (csrc/include/pllm/decoding.cuh).");
+  m.def("fmath_eval", &pllm_fmath_eval, py::arg("fn"), py::arg("xs"),
+        "The kernels' exp / log (csrc/include/pllm/fmath.cuh: same bits on the GPU and the emulator) on the host.");
 }
