@@ -14,7 +14,7 @@ from collections.abc import Sequence
 
 import torch
 
-from pllm_kernels.ops._backend import Impl, OpTable
+from pllm_kernels.ops._backend import Impl, OpTable, triton_available
 from pllm_kernels.ops._checks import FLOATS, _backend_arg, _check_tensor, _check_values_enabled, _dispatch, _fail
 from pllm_kernels.torch_ops import decoding as torch_dec
 
@@ -44,8 +44,19 @@ def _fused_torch(tokens, logprobs, sources, coefs, reward, beta, reward_top_k, t
     torch_dec.sample_torch(tokens, logprobs, z, temperature, top_k, top_p, min_p, seed, step)
 
 
+def _cuda():
+    from pllm_kernels.cuda import decoding as cu_dec
+
+    return cu_dec
+
+
+def _cuda_supports(device, dtype):
+    return _cuda().supports(device, dtype)
+
+
 _MIX = OpTable("mix_logprobs", torch=Impl(torch_dec.mix_logprobs_torch),
-               triton=Impl(lambda *a: _triton().mix_logprobs_triton(*a), _no_f64))
+               triton=Impl(lambda *a: _triton().mix_logprobs_triton(*a), _no_f64),
+               cuda=Impl(lambda *a: _cuda().mix_logprobs_cuda(*a), _cuda_supports))
 _REWARD = OpTable("reward_guided", torch=Impl(torch_dec.reward_guided_torch),
                   triton=Impl(lambda *a: _triton().reward_guided_triton(*a), _no_f64))
 _SAMPLE = OpTable("sample_tokens", torch=Impl(torch_dec.sample_torch),
@@ -56,7 +67,10 @@ _FUSED = OpTable("fused_sample", torch=Impl(_fused_torch),
 
 # ------------------------------------------------------------------------------------------- custom ops
 def _mix_impl(out: torch.Tensor, sources: torch.Tensor, coefs: torch.Tensor, backend: str) -> None:
-    _MIX.pick(backend, sources.device, sources.dtype)[1].fn(out, sources, coefs)
+    name, impl = _MIX.pick(backend, sources.device, sources.dtype)
+    if name == "cuda" and backend == "auto" and sources.shape[0] > _cuda().MAX_SOURCES:  # more than the kernel takes
+        impl = _MIX.impls["triton"] if triton_available() else _MIX.impls["torch"]
+    impl.fn(out, sources, coefs)
 
 
 _mix_op = torch.library.custom_op("pllm::mix_logprobs", mutates_args=("out",))(_mix_impl)
