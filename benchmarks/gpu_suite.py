@@ -11,7 +11,8 @@ each logged to ``OUT/logs/<step>.log``:
    gpu_decode ``pytest -m gpu tests/hf/test_static_decode.py`` (CUDA-graph decode replayed while users change,
    torch.compile reduce-overhead; ``OUT/junit_gpu_decode.xml``)
 3. sanitizer ``compute-sanitizer --tool memcheck`` over ``pytest -m gpu tests/cuda`` and ``--tool racecheck`` over
-             ``tests/cuda/test_{lora,steer}_cuda_gpu.py -k sanitizer`` (both with ``PLLM_SANITIZER=1``: small shapes)
+             ``tests/cuda/test_{lora,steer,decoding}_cuda_gpu.py -k sanitizer`` (both with ``PLLM_SANITIZER=1``:
+             small shapes)
 4. bench_*   ``python -m pllm_kernels.bench <op> --out OUT`` for every benchmark registered in
              ``pllm_kernels.bench.harness.BENCHES`` (registered but not written: "not yet implemented"), sharing
              what is left of the budget; CSVs and ``bench_<op>_summary.md`` land in OUT
@@ -301,10 +302,11 @@ def main(argv=None) -> int:
     elif san is None:
         s.skip("sanitizer", "compute-sanitizer not found (PATH, $CUDA_HOME/bin, /usr/local/cuda/bin)")
     else:
-        # PLLM_SANITIZER=1: tests/cuda/test_{lora,steer}_cuda_gpu.py keep their small shapes (every kernel variant)
-        # and skip Triton; racecheck (shared-memory hazards of the cp.async pipelines and of the steering kernels'
-        # block reductions) runs on their sanitizer subsets.
-        racecheck = ["tests/cuda/test_lora_cuda_gpu.py", "tests/cuda/test_steer_cuda_gpu.py", "-k", "sanitizer"]
+        # PLLM_SANITIZER=1: tests/cuda/test_{lora,steer,decoding}_cuda_gpu.py keep their small shapes (every kernel
+        # variant) and skip Triton; racecheck (shared-memory hazards of the cp.async pipelines and of the steering /
+        # mixing kernels' block reductions) runs on their sanitizer subsets.
+        racecheck = ["tests/cuda/test_lora_cuda_gpu.py", "tests/cuda/test_steer_cuda_gpu.py",
+                     "tests/cuda/test_decoding_cuda_gpu.py", "-k", "sanitizer"]
         for tool, tests, limit in (("memcheck", ["tests/cuda"], 120), ("racecheck", racecheck, 90)):
             name = "sanitizer" if tool == "memcheck" else f"sanitizer_{tool}"
             rc, text = s.run(name, [san, "--tool", tool, "--error-exitcode", "99", "--target-processes", "all",
