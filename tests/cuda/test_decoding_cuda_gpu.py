@@ -182,6 +182,22 @@ def test_cuda_graph_capture_and_replay():
         _check(out, new_src, new_coefs, f"replay {seed}")
 
 
+@pytest.mark.skipif(ON_EMU, reason="compares the GPU with the emulator")
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_device_bits_equal_the_emulator(dtype):
+    """The premise of the CPU tests: the GPU gives the CPU emulator's bits (fmath.cuh's exp / log, explicit FMAs,
+    never-fused products), 16-byte and scalar variants."""
+    from pllm_kernels.cuda.decoding import mix_logprobs_cuda
+
+    src, coefs = _case("small_mixed", dtype, seed=6)
+    for s in (src[..., :1000].contiguous(), src):  # 16-byte loads, scalar loads (V = 1001)
+        dev = cuda_mix(s, coefs)
+        emu = torch.empty(dev.shape)
+        mix_logprobs_cuda(emu, s.cpu(), coefs.cpu(), _emulate=True)
+        torch.cuda.synchronize()
+        assert_bitwise_equal(dev.cpu(), emu, msg=f"V={s.shape[-1]}")
+
+
 # ------------------------------------------------------------------------------------------------ sanitizer subset
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("aligned", [True, False])

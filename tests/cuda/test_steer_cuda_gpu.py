@@ -303,6 +303,30 @@ def test_cuda_graph_capture_and_replay(fused):
         check_steered(ec, h, h_base, ref_steer(ec, h_base), torch.bfloat16, f"replay {seed}")
 
 
+@gpu_only
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("layout", ["contig", "offset"])
+def test_device_bits_equal_the_emulator(dtype, layout):
+    """The premise of the CPU tests: the GPU gives the CPU emulator's bits (explicit FMAs, IEEE division / sqrt, no
+    contraction), for both ops, every mode, 16-byte and scalar variants."""
+    from pllm_kernels.cuda.steer import steer_add_cuda, steer_rmsnorm_cuda
+
+    for gemma in (False, True):
+        c = make_steer_case(T=13, H=1000, L=6, K=2, dtype=dtype, seed=12, layout=layout, gemma=gemma, device="cuda")
+        e = make_steer_case(T=13, H=1000, L=6, K=2, dtype=dtype, seed=12, layout=layout, gemma=gemma)
+        wo = 1.0 if gemma else 0.0
+        out_d, out_e = torch.empty_like(c.h), torch.empty_like(e.h)
+        steer_rmsnorm_cuda(out_d, c.h, c.weight, EPS, c.vectors, c.slots, c.scales, c.modes, wo)
+        steer_rmsnorm_cuda(out_e, e.h, e.weight, EPS, e.vectors, e.slots, e.scales, e.modes, wo, _emulate=True)
+        h_d, h_e = c.h.clone(), e.h.clone()
+        steer_add_cuda(h_d, c.vectors, c.slots, c.scales, c.modes)
+        steer_add_cuda(h_e, e.vectors, e.slots, e.scales, e.modes, _emulate=True)
+        torch.cuda.synchronize()
+        assert_bitwise_equal(c.h.cpu(), e.h, msg=f"steer_rmsnorm h gemma={gemma}")
+        assert_bitwise_equal(out_d.cpu(), out_e, msg=f"steer_rmsnorm out gemma={gemma}")
+        assert_bitwise_equal(h_d.cpu(), h_e, msg="steer_add twice")
+
+
 def test_supports_on_device():
     from pllm_kernels.cuda.steer import supports
 
