@@ -77,6 +77,11 @@ BGMV_MAX_PAIRS = 64  # auto: T*K <= this -> BGMV gather kernels (decode), else S
 FUSED_MAX_PAIRS = 8  # auto: T*K <= this -> fused kernel for lora_apply (when FUSED_MAX_SR / S allow)
 FUSED_MAX_SR = 256  # fused kernel keeps v as (K, next_pow2(R*S)) fp32 registers; beyond this, BGMV
 FUSED_MAX_A_BYTES = 128 * 1024  # fused kernel: each program reads one slot's whole A (R*S*h_in) on one SM
+# auto: single-slice lora_apply (o_proj, down_proj) takes the fused kernel up to this many pairs whatever A's size:
+# with the q/k/v and gate/up groups at two launches (BGMV shrink + per-slice expand), a Llama layer's LoRA then
+# stays within 6 launches at every decode size (issue "Decode at serving speed"). Above FUSED_MAX_PAIRS each fused
+# program re-reads its slot's A from L2 per column split; the GPU suite's bench_lora measures what that costs.
+FUSED_SINGLE_MAX_PAIRS = BGMV_MAX_PAIRS
 MAX_SPLIT_K = _cfgs.SPLIT_LIMIT  # largest split-K (partials summed by the BGMV expand)
 DEFAULT_NUM_SMS = 132  # H100 SXM; used when no GPU is present (interpreter, AOT)
 _MAX_SLICES = 4  # slices per expand/fused launch (qkv = 3, gate_up = 2); more are launched in groups
@@ -482,7 +487,8 @@ def choose_path(path: str, num_pairs: int, op: str, *, sr: int = 0, num_slices: 
     uses the fused kernel when ``T*K <= FUSED_MAX_PAIRS``, v fits in registers (``sr = next_pow2(R*S) <=
     FUSED_MAX_SR``, ``S <= 4``) and one slot's A (``a_bytes = R*S*h_in*itemsize``) is at most
     ``FUSED_MAX_A_BYTES``: every fused program streams a whole A from L2 on one SM, so a large A makes it slower
-    than BGMV shrink + expand despite the saved launch. These thresholds are first guesses from the byte counts
+    than BGMV shrink + expand despite the saved launch; single-slice calls take it up to
+    ``FUSED_SINGLE_MAX_PAIRS`` whatever A's size (the launch budget per decoder layer). These thresholds are first guesses from the byte counts
     (research notes section 7), to be tuned by the GPU benchmark."""
     if path not in ("auto", "sgmv", "bgmv", "fused"):
         raise ValueError(f"path must be one of auto/sgmv/bgmv/fused, got {path!r}")
@@ -493,6 +499,8 @@ def choose_path(path: str, num_pairs: int, op: str, *, sr: int = 0, num_slices: 
     if (op == "apply" and num_pairs <= FUSED_MAX_PAIRS and sr <= FUSED_MAX_SR and num_slices <= _MAX_SLICES
             and a_bytes <= FUSED_MAX_A_BYTES):
         return "fused"
+    if op == "apply" and num_slices == 1 and num_pairs <= FUSED_SINGLE_MAX_PAIRS and sr <= FUSED_MAX_SR:
+        return "fused"  # the launch budget: one launch for o_proj / down_proj at any decode size
     return "bgmv" if num_pairs <= BGMV_MAX_PAIRS else "sgmv"
 
 

@@ -38,6 +38,7 @@ constexpr int64_t kBgmvMaxPairs = 64;     // T*K <= this: gather (BGMV) kernels;
 constexpr int64_t kFusedMaxPairs = 8;     // lora_apply: T*K <= this: fused kernel when it fits
 constexpr int64_t kFusedMaxSR = 256;      // fused: R*S outputs per pair
 constexpr int64_t kFusedMaxABytes = 128 * 1024;  // fused: one slot's A (R*S*h_in*elem) re-read by every block
+constexpr int64_t kFusedSingleMaxPairs = kBgmvMaxPairs;  // lora_apply, one slice: fused at every decode size
 constexpr int64_t kMaxSmemBytes = 48 * 1024;     // dynamic shared memory we allow without opt-in
 
 // Tile sizes of the kernels (the launchers and the tests read them from here).
@@ -151,6 +152,11 @@ PLLM_HD int choose_path(int path, int op, int64_t pairs, int64_t S, int64_t R, i
   if (path != kPathAuto) return path;
   if (op == kOpApply && pairs <= kFusedMaxPairs && R * S <= kFusedMaxSR && S <= kMaxSlicesPerLaunch &&
       R * S * H * elem_bytes <= kFusedMaxABytes && fused_smem(K, S, R, H, vec_elems(elem_bytes)) <= kMaxSmemBytes) {
+    return kPathFused;
+  }
+  // One slice (o_proj, down_proj): one launch at every decode size (the per-layer launch budget), whatever A's size.
+  if (op == kOpApply && S == 1 && pairs <= kFusedSingleMaxPairs && R <= kFusedMaxSR &&
+      fused_smem(K, S, R, H, vec_elems(elem_bytes)) <= kMaxSmemBytes) {
     return kPathFused;
   }
   return pairs <= kBgmvMaxPairs ? kPathBgmv : kPathSgmv;
