@@ -8,11 +8,14 @@ Two strategies for ``lora_apply`` (``strategy=``):
   shared adapters.
 * ``"gather"``: gather every pair's weights and use batched matmuls (Punica BGMV): one gather instead of a
   Python loop per adapter. Best for distinct-adapter decode.
-* ``"dense"``: one matmul over every slot in the span of slots the batch uses (``x @ A_all.T``), the per-token
-  coefficients (routing weight * scale, zero for other slots and beyond a slot's rank) applied with one
-  ``torch.where`` + multiply, then one ``addmm_`` per slice against a cached transposed copy of B, straight into
-  each slice's output. Nothing is gathered or copied per call: a handful of BLAS calls per layer. Best for
-  decode on CPU, where per-op overhead dominates and the span of loaded slots is small. fp32 / fp64 only (a bf16
+* ``"dense"``: the slot buffers read in place over the span of slots the batch uses, nothing gathered or copied
+  per call: a handful of BLAS calls per layer, against a cached transposed copy of B with the padding beyond each
+  rank zeroed. When the tokens spread over the slots (decode: one user per row), one ``bmm`` over the span's
+  slots, each with its own tokens (padded to the most any slot has), a multiply by routing weight * scale, and
+  per slice one ``bmm`` + ``index_put_`` onto the tokens; when few slots serve many tokens, one ``mm`` over all
+  the span's slots (``x @ A_span.T``), the per-token coefficients (zero for other slots and beyond a slot's
+  rank), and one ``addmm_`` per slice straight into its output. Best for decode on CPU, where per-op overhead
+  dominates. fp32 / fp64 only (a bf16
   / fp16 matmul would round the shrink output); needs ``lora_b`` with a version counter (not made under
   ``inference_mode``) for its cache.
 * ``"auto"``: dense for decode-sized calls whose used-slot span is small, gather for other calls with many
@@ -149,7 +152,7 @@ def lora_apply_torch(y, x, lora_a, lora_b, slot_ranks, slot_scales, token_slots,
         dense = _dense_plan(x, lora_a, lora_b, slot_ranks, slot_scales, token_slots, token_weights,
                             force=strategy == "dense")
         if dense is not None:
-            _apply_dense(ys, x, lora_a, offsets, dense)
+            _apply_dense(ys, x, lora_a, offsets, dense, slot_ranks)
             return
         if strategy == "dense":  # not servable densely (dtype, inference-mode buffers, a non-finite slot)
             strategy = "auto"
@@ -251,7 +254,30 @@ def _dense_routing(token_slots, token_weights, L, acc):
     hit = torch.zeros(T, span, dtype=torch.bool, device=flat.device)
     hit[rows, cols] = True
     touched = valid.any(1, keepdim=True)
-    return lo, hi, used, hit, w, bool(touched.all()), touched
+    # Per slot of the span, its tokens (padded to the most any slot has): the batched form reads each slot's
+    # weights in place (no gather) and computes only the routed tokens' products.
+    pair_tok = rows.tolist()
+    pair_col = cols.tolist()
+    pair_w = token_weights.to(acc)[valid]
+    lists = [[] for _ in range(span)]
+    for i, (t, col) in enumerate(zip(pair_tok, pair_col)):
+        lists[col].append((t, i))
+    m = max(len(v) for v in lists)
+    idx = torch.zeros(span, m, dtype=torch.long, device=flat.device)
+    pw = torch.zeros(span, m, dtype=acc, device=flat.device)
+    pos, tok, order = [], [], []
+    for col, entries in enumerate(lists):
+        for j, (t, i) in enumerate(entries):
+            pos.append(col * m + j)
+            tok.append(t)
+            order.append(i)
+    pos_t = torch.tensor(pos, dtype=torch.long, device=flat.device)
+    tok_t = torch.tensor(tok, dtype=torch.long, device=flat.device)
+    idx.view(-1)[pos_t] = tok_t
+    pw.view(-1)[pos_t] = pair_w[torch.tensor(order, dtype=torch.long, device=flat.device)]
+    full = len(pos) == span * m
+    padded = (m, idx, pw, pos_t, tok_t, full)
+    return lo, hi, used, hit, w, bool(touched.all()), touched, padded
 
 
 _COEF_CACHE: dict = {}
@@ -280,6 +306,49 @@ def _dense_coef(routing, slot_ranks, slot_scales, R, acc):
     return value
 
 
+def _padded_coef(routing, slot_ranks, slot_scales, acc):
+    """``(span, m, 1)``: routing weight * slot scale of each (slot, listed token); 0 on padding. Cached like
+    :func:`_dense_coef`."""
+    key = None
+    if not (slot_ranks.is_inference() or slot_scales.is_inference()):
+        key = ("padded", id(routing), id(slot_scales), slot_scales._version, acc)
+        hit = _COEF_CACHE.get(key)
+        if hit is not None and hit[0] is routing:
+            return hit[1]
+    lo, hi = routing[0], routing[1]
+    pw = routing[7][2]
+    coef = (pw * slot_scales[lo:hi].to(device=pw.device, dtype=acc)[:, None])[:, :, None]
+    if key is not None:
+        if len(_COEF_CACHE) > 1024:
+            _COEF_CACHE.clear()
+        _COEF_CACHE[key] = (routing, coef)
+    return coef
+
+
+def _apply_padded(ys, x, lora_a, slot_ranks, offsets, routing, coef, bt) -> None:
+    """Batched form of the dense strategy: one ``bmm`` over the span's slots, each with its own tokens (padded to
+    ``m``), reading every slot's A and cleaned B^T in place; the products land on their tokens by ``index_put_``
+    (touched rows only)."""
+    lo, hi = routing[0], routing[1]
+    m, idx, _pw, pos, tok, full = routing[7]
+    L, S, R, H = lora_a.shape
+    span = hi - lo
+    xs = x.index_select(0, idx.view(-1)).view(span, m, H)
+    v = torch.bmm(xs, lora_a[lo:hi].reshape(span, S * R, H).transpose(1, 2))  # (span, m, S*R)
+    v.mul_(coef)
+    if not _all_finite(lora_a):  # 0 * inf: cut padding rows and entries beyond each slot's rank
+        r = torch.arange(R, device=v.device)
+        keep = (coef != 0) & (r[None, None, :] < slot_ranks[lo:hi, None, None].to(v.device))  # (span, m, R)
+        v.masked_fill_(~keep.repeat(1, 1, S), 0)
+    b3 = bt.view(L, R, -1)[lo:hi]  # (span, R, N)
+    for s, out in enumerate(ys):
+        d = torch.bmm(v[:, :, s * R : (s + 1) * R], b3[:, :, offsets[s] : offsets[s + 1]])  # (span, m, N_s)
+        d = d.view(span * m, -1)
+        if not full:
+            d = d.index_select(0, pos)
+        out.index_put_((tok,), d if d.dtype == out.dtype else d.to(out.dtype), accumulate=True)
+
+
 def _dense_plan(x, lora_a, lora_b, slot_ranks, slot_scales, token_slots, token_weights, force=False):
     """What :func:`_apply_dense` needs, or ``None`` when the dense strategy cannot serve this call (dtype not fp32 /
     fp64, buffers without a version counter, a used slot with a non-finite value) or, unless ``force``, would be
@@ -304,18 +373,45 @@ def _dense_plan(x, lora_a, lora_b, slot_ranks, slot_scales, token_slots, token_w
     bt, bad = cached
     if bad and any(s in bad for s in used):
         return None
+    if T > 2 * routing[7][0] and T > 1:  # tokens spread over the slots: the batched form skips the others' products
+        return ("padded", routing, _padded_coef(routing, slot_ranks, slot_scales, acc), bt)
     keep, coef = _dense_coef(routing, slot_ranks, slot_scales, R, acc)
     return (lo, hi, keep, coef, routing[5], routing[6]), bt
 
 
-def _apply_dense(ys, x, lora_a, offsets, plan) -> None:
+_A_FINITE: dict = {}
+
+
+def _all_finite(lora_a: torch.Tensor) -> bool:
+    """Whether every value of the slot buffer is finite (cached on its version counter; ``False`` when it has none):
+    then ``v * 0`` is 0 wherever a token's coefficient is 0, and the dense path can skip its mask."""
+    if lora_a.is_inference():
+        return False
+    key = id(lora_a)
+    stamp = (lora_a.data_ptr(), lora_a._version, tuple(lora_a.shape), lora_a.dtype)
+    hit = _A_FINITE.get(key)
+    if hit is not None and hit[0]() is lora_a and hit[1] == stamp:
+        return hit[2]
+    ok = bool(torch.isfinite(lora_a).all())
+    if len(_A_FINITE) > 256:
+        _A_FINITE.clear()
+    _A_FINITE[key] = (weakref.ref(lora_a), stamp, ok)
+    return ok
+
+
+def _apply_dense(ys, x, lora_a, offsets, plan, slot_ranks=None) -> None:
+    if plan[0] == "padded":
+        _apply_padded(ys, x, lora_a, slot_ranks, offsets, plan[1], plan[2], plan[3])
+        return
     (lo, hi, keep, coef, all_touched, touched), bt = plan
     L, S, R, H = lora_a.shape
     T = x.shape[0]
     span = hi - lo
     a = lora_a[lo:hi].reshape(span * S * R, H)
     v = torch.mm(x, a.t()).view(T, span, S, R)
-    v = torch.where(keep, v, 0).mul_(coef)  # (T, span, S, R): this token's slots, within their ranks
+    v.mul_(coef)  # (T, span, S, R): this token's slots, within their ranks; zero elsewhere ...
+    if not _all_finite(lora_a):  # ... unless padding or an unused slot holds inf / NaN (0 * inf = NaN): cut it
+        v.masked_fill_(~keep, 0)
     if S > 1:
         v = v.permute(2, 0, 1, 3).reshape(S, T, span * R)
     else:

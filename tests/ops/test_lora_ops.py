@@ -301,3 +301,45 @@ def make_case_like(c, y):
     from dataclasses import replace
 
     return replace(c, y=y.clone())
+
+
+@pytest.mark.parametrize("form", ["padded", "mm"])
+@pytest.mark.parametrize("K", [1, 2])
+def test_dense_strategy_both_forms(form, K, monkeypatch):
+    """The dense strategy's two forms (tokens spread over the slots: one bmm over the span's slots with their own
+    tokens; few slots for many tokens: one mm over all of them) equal the reference, with poison in padding beyond
+    the ranks and in an unused slot of the span, and rows without an adapter keep their bits."""
+    from pllm_kernels.torch_ops import lora as tl
+
+    taken = []
+    real_padded = tl._apply_padded
+    monkeypatch.setattr(tl, "_apply_padded", lambda *a, **k: taken.append("padded") or real_padded(*a, **k))
+    T = 12
+    if form == "padded":  # one user per token (distinct slots 0..5, each twice), slot 6 unused inside the span
+        slots = torch.tensor([[t % 6] + ([(t + 3) % 6] if K == 2 else []) for t in range(T)])
+        slots[0] = -1
+        slots[-1, 0] = 7
+    else:  # two slots for twelve tokens
+        slots = torch.tensor([[t % 2] + ([1 - t % 2] if K == 2 else []) for t in range(T)])
+        slots[3] = -1
+    c = make_case(T=T, h_in=40, slice_sizes=(16, 8, 8), ranks=(4, 8, 2, 8, 1, 8, 8, 3), max_rank=8,
+                  slots=slots, seed=9, neg_zeros=True)
+    with torch.no_grad():
+        c.lora_a[6] = float("nan")  # unused slot (inside the span in the padded case)
+        c.lora_b[6] = float("inf")
+        c.lora_a[0, :, 4:] = float("nan")  # beyond slot 0's rank 4
+        c.lora_b[0, :, 4:] = float("inf")
+    y0 = c.y.clone()
+    y = c.y.clone()
+    ops.lora_apply(y, c.x, c.lora_a, c.lora_b, c.slot_ranks, c.slot_scales, c.meta, c.slice_sizes,
+                   backend="torch", strategy="dense")
+    clean_a, clean_b = c.lora_a.clone(), c.lora_b.clone()
+    clean_a[6], clean_b[6] = 0, 0
+    clean_a[0, :, 4:], clean_b[0, :, 4:] = 0, 0
+    expected = lora_apply_ref(y0.double(), c.x.double(), clean_a.double(), clean_b.double(), c.token_slots,
+                              c.token_weights, c.slot_ranks, c.slot_scales, c.slice_sizes)
+    assert torch.isfinite(y).all(), "poison reached a row"
+    assert_close(y, expected, torch.float32)
+    untouched = (c.token_slots < 0).all(dim=1)
+    assert_bitwise_equal(y[untouched], y0[untouched])
+    assert taken == (["padded"] if form == "padded" else [])
