@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from pllm_kernels.batch import ForwardContext, PersonalBatch
-from pllm_kernels.modules._wrap import make_transparent
+from pllm_kernels.modules._wrap import call_inner, make_transparent
 from pllm_kernels.ops.lora import lora_apply
 
 __all__ = ["LoRAGroup", "MultiLoRALinear"]
@@ -108,7 +108,7 @@ class LoRAGroup:
         layers = self._layers()
         if layers is None or y.dtype != x2.dtype or not y.is_contiguous():
             return self._serve_alone(member, y, x2, batch, meta, backend, strategy)
-        outs = [y if m == member else layers[i].base_layer(x) for i, m in enumerate(g.members)]
+        outs = [y if m == member else call_inner(layers[i].base_layer, x) for i, m in enumerate(g.members)]
         if any(o.dtype != y.dtype or not o.is_contiguous() for o in outs):
             return self._serve_alone(member, y, x2, batch, meta, backend, strategy)
         vkey, validate = self._validate_key(member, x2, meta)
@@ -200,7 +200,7 @@ class MultiLoRALinear(nn.Module):
             done = group[0].take(group[2], x, batch)  # computed by the group's first member on this very input
             if done is not None:
                 return done
-        y = self.base_layer(x, *args, **kwargs)
+        y = call_inner(self.base_layer, x, *args, **kwargs)
         if batch is None or batch.lora is None:
             return y
         buf = self.lora_buffers

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from pllm_kernels.batch import ForwardContext
-from pllm_kernels.modules._wrap import make_transparent
+from pllm_kernels.modules._wrap import call_inner, make_transparent
 from pllm_kernels.ops.steer import steer_add, steer_rmsnorm
 
 __all__ = ["SteerRMSNorm", "SteeringHook", "norm_kind"]
@@ -116,7 +116,7 @@ class SteerRMSNorm(nn.Module):
                 steer_add(flat, vectors, slots, scales, modes, backend=self.backend)
                 if flat.data_ptr() != x.data_ptr():
                     x.copy_(flat.view_as(x))
-            return self.base(x)
+            return call_inner(self.base, x)
         slots, scales, vectors, modes = entry
         flat = x.view(-1, x.shape[-1])
         key = (flat.shape, flat.dtype, flat.device, vectors.data_ptr())
