@@ -13,6 +13,9 @@ each logged to ``OUT/logs/<step>.log``:
 3. sanitizer ``compute-sanitizer --tool memcheck`` over ``pytest -m gpu tests/cuda`` and ``--tool racecheck`` over
              ``tests/cuda/test_{lora,steer,decoding}_cuda_gpu.py -k sanitizer`` (both with ``PLLM_SANITIZER=1``:
              small shapes)
+3b. tune_lora ``python -m pllm_kernels.bench.tune_lora --T 1,8,64 --rank 16 --budget-s 35``: a short timing pass of
+             the Triton LoRA launch configs at decode shapes, written to ``OUT/lora_configs.json`` (review, then
+             commit as ``pllm_kernels/triton/lora_configs.json``)
 4. bench_*   ``python -m pllm_kernels.bench <op> --out OUT`` for every benchmark registered in
              ``pllm_kernels.bench.harness.BENCHES`` (registered but not written: "not yet implemented"), sharing
              what is left of the budget; CSVs and ``bench_<op>_summary.md`` land in OUT
@@ -315,6 +318,16 @@ def main(argv=None) -> int:
             m = re.search(r"ERROR SUMMARY: \d+ errors?", text)
             if s.steps[-1]["status"] != "TIMEOUT":
                 s.steps[-1]["detail"] = f"rc={rc}; {m.group(0) if m else 'no ERROR SUMMARY line'}; {_pytest_line(text)}"
+
+    # 3b. a short tuning pass of the Triton LoRA launch configs (decode shapes): OUT/lora_configs.json, to commit as
+    # pllm_kernels/triton/lora_configs.json once reviewed (the shipped entries are untimed guesses until then)
+    if dry:
+        s.skip("tune_lora", gpu_why)
+    elif "tune_lora" in skip:
+        s.skip("tune_lora", "--skip tune_lora")
+    else:
+        s.run("tune_lora", [sys.executable, "-m", "pllm_kernels.bench.tune_lora", "--out", str(out / "lora_configs.json"),
+                            "--T", "1,8,64", "--rank", "16", "--budget-s", "35"], timeout=50)
 
     # 4. benchmarks: share what is left of the budget
     names = list(H.BENCHES) if args.benches == "all" else (
