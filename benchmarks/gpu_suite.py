@@ -326,8 +326,9 @@ def main(argv=None) -> int:
     elif "tune_lora" in skip:
         s.skip("tune_lora", "--skip tune_lora")
     else:
-        s.run("tune_lora", [sys.executable, "-m", "pllm_kernels.bench.tune_lora", "--out", str(out / "lora_configs.json"),
-                            "--T", "1,8,64", "--rank", "16", "--budget-s", "35"], timeout=50)
+        s.run("tune_lora", [sys.executable, "-m", "pllm_kernels.bench.tune_lora", "--out",
+                            str(out / "lora_configs.json"), "--T", "1,8,64", "--rank", "16", "--budget-s", "35"],
+              timeout=50)
 
     # 4. benchmarks: share what is left of the budget
     names = list(H.BENCHES) if args.benches == "all" else (

@@ -321,8 +321,9 @@ def run_case(prof, n_users: int, backends, verbose=True) -> list[dict]:
         t_adapters = c.adapter_bytes / (roof["copy_gbps"] * 1e9)
         bound = t_merged / (t_merged + t_adapters)
         if verbose:
-            print(f"  roofline: adapters {c.adapter_bytes / 2**20:.1f} MiB per step = {c.adapter_bytes / c.base_bytes:.0%} "
-                  f"of the base weights ({c.base_bytes / 2**20:.1f} MiB); copy bandwidth {roof['copy_gbps']:.1f} GB/s "
+            print(f"  roofline: adapters {c.adapter_bytes / 2**20:.1f} MiB per step = "
+                  f"{c.adapter_bytes / c.base_bytes:.0%} of the base weights ({c.base_bytes / 2**20:.1f} MiB); "
+                  f"copy bandwidth {roof['copy_gbps']:.1f} GB/s "
                   f"-> {t_adapters * 1e3:.2f} ms per step at best; merged step {t_merged * 1e3:.2f} ms; "
                   f"ours / merged <= {bound:.2f} when memory-bound")
     rows = []

@@ -488,8 +488,8 @@ def choose_path(path: str, num_pairs: int, op: str, *, sr: int = 0, num_slices: 
     FUSED_MAX_SR``, ``S <= 4``) and one slot's A (``a_bytes = R*S*h_in*itemsize``) is at most
     ``FUSED_MAX_A_BYTES``: every fused program streams a whole A from L2 on one SM, so a large A makes it slower
     than BGMV shrink + expand despite the saved launch; single-slice calls take it up to
-    ``FUSED_SINGLE_MAX_PAIRS`` whatever A's size (the launch budget per decoder layer). These thresholds are first guesses from the byte counts
-    (research notes section 7), to be tuned by the GPU benchmark."""
+    ``FUSED_SINGLE_MAX_PAIRS`` whatever A's size (the launch budget per decoder layer). These thresholds are first
+    guesses from the byte counts (research notes section 7), to be tuned by the GPU benchmark."""
     if path not in ("auto", "sgmv", "bgmv", "fused"):
         raise ValueError(f"path must be one of auto/sgmv/bgmv/fused, got {path!r}")
     if path == "fused" and op != "apply":
