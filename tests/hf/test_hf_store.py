@@ -347,3 +347,37 @@ def test_rows_without_user_keep_base_layer_output_bitwise(llama, backend, strate
         for h in handles:
             h.remove()
         pm.unpatch()
+
+
+def test_hooks_on_wrapped_layers_still_fire(pm, llama):
+    """The wrappers call the wrapped layer's forward directly only while it has no hooks: a forward hook on a base
+    projection (and on a norm wrapped for fused steering) fires, and may change the output, as without patching;
+    with the hook on k_proj (a grouped member) the group still serves every member correctly."""
+    base, _, sds = llama
+    pm.register_user("a0", *sds["a0"])
+    ids, mask = left_padded_batch([4, 3], base.config.vocab_size, seed=3)
+    with torch.no_grad():
+        ref = pm(ids, attention_mask=mask, users=["a0", None]).logits
+    layer = base.model.layers[0]
+    fired = []
+
+    def scale_k(mod, args, out):
+        fired.append(type(mod).__name__)
+        return out * 1.5
+
+    k_base = layer.self_attn.k_proj.base_layer
+    h = k_base.register_forward_hook(scale_k)
+    norm = layer.post_attention_layernorm
+    inner_norm = getattr(norm, "base", norm)
+    h2 = inner_norm.register_forward_hook(lambda mod, args, out: fired.append("norm"))
+    try:
+        with torch.no_grad():
+            hooked = pm(ids, attention_mask=mask, users=["a0", None]).logits
+    finally:
+        h.remove()
+        h2.remove()
+    assert "Linear" in fired and "norm" in fired
+    assert not torch.allclose(hooked, ref), "the base layer's hook did not change the output"
+    with torch.no_grad():
+        again = pm(ids, attention_mask=mask, users=["a0", None]).logits
+    assert_bitwise_equal(again, ref)
