@@ -172,12 +172,13 @@ def test_launches_use_the_table(path, T, table, monkeypatch):
 @pytest.mark.interpreter
 def test_tuner_loop_on_tiny_shapes(monkeypatch, tmp_path, table):
     """The tuner end to end under the interpreter (timings meaningless, plumbing real): two candidates per kernel on
-    a tiny module, fused (T = 1), BGMV (T = 16) and SGMV (T = 80) problems; every candidate passes the numerics
-    check, the written table loads and only holds entries for the problems' exact rank / dim."""
+    a tiny two-slice module (single-slice calls take the fused kernel at every decode size), fused (T = 1), BGMV
+    (T = 16) and SGMV (T = 80) problems; every candidate passes the numerics check, the written table loads and
+    only holds entries for the problems' exact rank / dim."""
     from pllm_kernels.bench import lora as bench_lora
     from pllm_kernels.bench import tune_lora
 
-    monkeypatch.setitem(bench_lora.SHAPES, "q", (48, (32,)))
+    monkeypatch.setitem(bench_lora.SHAPES, "q", (48, (16, 16)))
     monkeypatch.setattr(tune_lora, "CANDIDATES", {
         "shrink_bgmv": {"BLOCK_N": (16,), "BLOCK_K": (32, 64)},
         "expand_bgmv": {"BLOCK_N": (16, 32)},
@@ -203,7 +204,7 @@ def test_tuner_loop_on_tiny_shapes(monkeypatch, tmp_path, table):
     kernels = {e["kernel"] for e in res["entries"]}
     assert kernels == {"fused", "shrink_bgmv", "expand_bgmv", "shrink_sgmv", "expand_sgmv"}, logs
     for e in res["entries"]:
-        assert e["gpu"] == "cpu" and e["dim"] in ([48, 48], [32, 32]) and e["rank"] == [8, 8]
+        assert e["gpu"] == "cpu" and e["dim"] in ([48, 48], [32, 32]) and e["rank"] in ([8, 8], [16, 16])
     out = tmp_path / "table.json"
     tune_lora.write_table(res, args, out)
     assert C.load_table(out) == [C._validate_entry(e, i) for i, e in enumerate(res["entries"])]
