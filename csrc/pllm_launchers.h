@@ -149,3 +149,18 @@ void pllm_mix_logprobs_emu(uintptr_t out, uintptr_t sources, uintptr_t coefs, in
                            int64_t vocab, int64_t src_stride0, int64_t src_stride1, int64_t coef_stride0,
                            int64_t coef_stride1, int64_t out_stride0, int dtype);
 std::vector<float> pllm_fmath_eval(const std::string& fn, const std::vector<float>& xs);
+
+// ---- sample.cu: per-row sorting-free sampler (sample_tokens) -----------------------------------------------------
+// Semantics: pllm_kernels/reference/decoding.py (sample_ref); kernel design: csrc/include/pllm/sample.cuh. scores (B, V)
+// of `dtype` with unit innermost stride and row stride `row_stride` (elements), 1 <= V <= 2^24; per-row temperature /
+// top_p / min_p float32, top_k int32, seed / step int64 (B,); writes tokens (B,) int64 and logprobs (B,) float32.
+// Asynchronous on `stream`; std::runtime_error on bad arguments or when no CUDA device is present.
+void pllm_sample_tokens(uintptr_t tokens, uintptr_t logprobs, uintptr_t scores, uintptr_t temperature,
+                        uintptr_t top_k, uintptr_t top_p, uintptr_t min_p, uintptr_t seed, uintptr_t step,
+                        int64_t batch, int64_t vocab, int64_t row_stride, int dtype, uintptr_t stream);
+std::vector<std::string> pllm_sample_kernels();
+std::vector<std::pair<std::string, int64_t>> pllm_sample_constants();
+// sample_emu.cpp: the same kernel on the CPU emulator (host pointers, no stream; tests only).
+void pllm_sample_tokens_emu(uintptr_t tokens, uintptr_t logprobs, uintptr_t scores, uintptr_t temperature,
+                            uintptr_t top_k, uintptr_t top_p, uintptr_t min_p, uintptr_t seed, uintptr_t step,
+                            int64_t batch, int64_t vocab, int64_t row_stride, int dtype);

@@ -133,4 +133,21 @@ PYBIND11_MODULE(_C, m) {
       "Constants of the decoding kernels (csrc/include/pllm/decoding.cuh).");
   m.def("fmath_eval", &pllm_fmath_eval, py::arg("fn"), py::arg("xs"),
         "The kernels' exp / log (csrc/include/pllm/fmath.cuh: same bits on the GPU and the emulator) on the host.");
+
+  // ---- per-row sampler (csrc/sample.cu; semantics pllm_kernels/reference/decoding.py sample_ref) ----------------
+  m.def("sample_tokens", &pllm_sample_tokens,
+        "sample_tokens(tokens, logprobs, scores, temperature, top_k, top_p, min_p, seed, step, batch, vocab, "
+        "row_stride, dtype, stream): one token (int64) and its log-prob (float32) per row of scores (B, V) of dtype; "
+        "per-row parameters (B,). Pointers as ints, element strides, cudaStream_t as int. Asynchronous.");
+  m.def("sample_tokens_emu", &pllm_sample_tokens_emu,
+        "sample_tokens on the CPU emulator (host pointers; no stream argument). Tests only.");
+  m.def("sample_kernels", &pllm_sample_kernels, "Names of the compiled sampler kernel variants.");
+  m.def(
+      "sample_constants",
+      []() {
+        py::dict d;
+        for (const auto& kv : pllm_sample_constants()) d[py::str(kv.first)] = kv.second;
+        return d;
+      },
+      "Constants of the sampler kernel (csrc/include/pllm/sample.cuh).");
 }
