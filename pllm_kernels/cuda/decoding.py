@@ -1,4 +1,5 @@
-"""CUDA launcher of ``mix_logprobs`` (kernel: ``csrc/include/pllm/decoding.cuh``).
+"""CUDA launchers of ``mix_logprobs`` (kernel: ``csrc/include/pllm/decoding.cuh``) and ``sample_tokens`` (kernel:
+``csrc/include/pllm/sample.cuh``).
 
 Same arguments and semantics as :func:`pllm_kernels.triton.decoding.mix_logprobs_triton` (the spec is
 :func:`pllm_kernels.reference.decoding.mix_logprobs_ref`): ``out (B, V)`` float32 ``= log_softmax(sum_i coefs[b, i] *
@@ -9,6 +10,12 @@ One block per row, three passes over the row (the sources' maxima; an online log
 output), 16-byte loads where rows are aligned. exp / log are built from IEEE-exact operations
 (``csrc/include/pllm/fmath.cuh``) and every reduction has a fixed order, so the CPU emulator reproduces the GPU's bits
 and a row's result does not depend on the batch. ``contrast_logits`` (Context Steering / CFG) runs through it.
+
+``sample_tokens_cuda``: the Triton sampler's algorithm (:func:`pllm_kernels.triton.decoding.sample_triton`; spec
+:func:`pllm_kernels.reference.decoding.sample_ref`) as one block per row: no sorting, top-k / top-p thresholds by
+bisection on order-preserving float32 keys (index bisection inside groups of equal scores), a Gumbel-max draw with the
+spec's counter-based uniform; float32 arithmetic on the exact float32 scores, like the Triton kernel, so tokens equal
+the spec's except for near-ties at the float32 rounding level.
 
 This module only converts arguments (pointers, element strides, dtype code, the current CUDA stream: CUDA-graph
 capturable); ``_emulate=True`` (tests) runs the same kernel on CPU tensors through the extension's CPU emulator.
@@ -21,9 +28,10 @@ import torch
 from pllm_kernels import _ext
 from pllm_kernels.cuda.lora import supports as _device_supports
 
-__all__ = ["MAX_SOURCES", "mix_logprobs_cuda", "supports"]
+__all__ = ["MAX_SOURCES", "MAX_VOCAB", "mix_logprobs_cuda", "sample_tokens_cuda", "supports"]
 
 MAX_SOURCES = 64  # csrc/include/pllm/decoding.cuh dec::kMaxSources (checked against the extension by the tests)
+MAX_VOCAB = 1 << 24  # csrc/include/pllm/sample.cuh smp::kMaxVocab (counts and indices exact in float32)
 _DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 
 
@@ -32,9 +40,9 @@ def supports(device, dtype) -> str | None:
     return _device_supports(device, dtype)
 
 
-def _C():
+def _C(name="mix_logprobs"):
     C = _ext.ext()
-    if C is None or not hasattr(C, "mix_logprobs"):
+    if C is None or not hasattr(C, name):
         why = _ext.ext_error if C is None else "the built extension has no decoding kernels (rebuild it)"
         raise RuntimeError(f"the pllm_kernels CUDA extension is not available ({why}); build it with nvcc on PATH "
                            "(`pip install -e .` or `python setup.py build_ext --inplace`), or use backend='triton' / "
@@ -88,3 +96,62 @@ def mix_logprobs_cuda(out, sources, coefs, *, _emulate=False) -> None:
         C.mix_logprobs(*args, torch.cuda.current_stream(device).cuda_stream)
     if target is not out:
         out.copy_(target)
+
+
+def sample_tokens_cuda(tokens, logprobs, scores, temperature, top_k, top_p, min_p, seed, step, *,
+                       _emulate=False) -> None:
+    """Per-row sampling of ``scores (B, V)`` (fp32 / fp16 / bf16, unit stride along V) into ``tokens (B,)`` int64 and
+    ``logprobs (B,)`` float32 (``log_softmax(scores)[token]``); per-row ``temperature`` (0 = greedy), ``top_k``
+    (0 = off), ``top_p`` (1 = off), ``min_p`` (0 = off), ``seed``, ``step`` ``(B,)`` (see the module docstring and
+    :func:`pllm_kernels.ops.sample_tokens`)."""
+    params = [temperature, top_k, top_p, min_p, seed, step]
+    tensors = [tokens, logprobs, scores, *params]
+    device = scores.device
+    if any(t.device != device for t in tensors):
+        raise RuntimeError(f"sample_tokens_cuda: all tensors must be on one device, got "
+                           f"{sorted({str(t.device) for t in tensors})}")
+    if _emulate:
+        if device.type != "cpu":
+            raise RuntimeError(f"sample_tokens_cuda(_emulate=True) runs on CPU tensors, got {device}")
+    elif device.type != "cuda":
+        raise RuntimeError(f"sample_tokens_cuda needs CUDA tensors, got tensors on {device} (use backend='torch' or "
+                           "'triton' for CPU tensors)")
+    C = _C("sample_tokens")
+    if not _emulate and C.device_count() == 0:
+        raise RuntimeError("sample_tokens_cuda: the CUDA extension sees no CUDA device/driver")
+    if scores.dtype not in _DTYPES:
+        raise RuntimeError(f"sample_tokens_cuda: the CUDA kernel takes float32 / float16 / bfloat16 scores, got "
+                           f"{scores.dtype}")
+    if scores.dim() != 2:
+        raise RuntimeError(f"sample_tokens_cuda: scores must be (B, V), got shape {tuple(scores.shape)}")
+    B, V = scores.shape
+    if not 1 <= V <= MAX_VOCAB:
+        raise RuntimeError(f"sample_tokens_cuda: the CUDA kernel takes vocabularies of 1..{MAX_VOCAB} tokens, got {V}")
+    if tuple(tokens.shape) != (B,) or tokens.dtype != torch.int64 or tuple(logprobs.shape) != (B,) or \
+            logprobs.dtype != torch.float32:
+        raise RuntimeError(f"sample_tokens_cuda: expected tokens (B={B},) int64 and logprobs (B,) float32, got "
+                           f"{tokens.dtype} {tuple(tokens.shape)} and {logprobs.dtype} {tuple(logprobs.shape)}")
+    if any(tuple(t.shape) != (B,) for t in params):
+        raise RuntimeError(f"sample_tokens_cuda: per-row parameters must be (B={B},), got "
+                           f"{[tuple(t.shape) for t in params]}")
+    if B == 0:
+        return
+    if (V > 1 and scores.stride(1) != 1) or scores.stride(0) < 0:
+        scores = scores.contiguous()
+    dtypes = (torch.float32, torch.int32, torch.float32, torch.float32, torch.int64, torch.int64)
+    params = [t.to(dt).contiguous() for t, dt in zip(params, dtypes)]
+    tok = tokens if tokens.is_contiguous() else torch.empty_like(tokens, memory_format=torch.contiguous_format)
+    lp = logprobs if logprobs.is_contiguous() else torch.empty_like(logprobs, memory_format=torch.contiguous_format)
+    args = [tok.data_ptr(), lp.data_ptr(), scores.data_ptr(), *(t.data_ptr() for t in params), B, V,
+            scores.stride(0), _DTYPES[scores.dtype]]
+    if _emulate:
+        C.sample_tokens_emu(*args)
+    elif device.index is not None and device.index != torch.cuda.current_device():
+        with torch.cuda.device(device):
+            C.sample_tokens(*args, torch.cuda.current_stream(device).cuda_stream)
+    else:
+        C.sample_tokens(*args, torch.cuda.current_stream(device).cuda_stream)
+    if tok is not tokens:
+        tokens.copy_(tok)
+    if lp is not logprobs:
+        logprobs.copy_(lp)

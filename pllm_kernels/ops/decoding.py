@@ -60,7 +60,8 @@ _MIX = OpTable("mix_logprobs", torch=Impl(torch_dec.mix_logprobs_torch),
 _REWARD = OpTable("reward_guided", torch=Impl(torch_dec.reward_guided_torch),
                   triton=Impl(lambda *a: _triton().reward_guided_triton(*a), _no_f64))
 _SAMPLE = OpTable("sample_tokens", torch=Impl(torch_dec.sample_torch),
-                  triton=Impl(lambda *a: _triton().sample_triton(*a), _no_f64))
+                  triton=Impl(lambda *a: _triton().sample_triton(*a), _no_f64),
+                  cuda=Impl(lambda *a: _cuda().sample_tokens_cuda(*a), _cuda_supports))
 _FUSED = OpTable("fused_sample", torch=Impl(_fused_torch),
                  triton=Impl(lambda *a: _triton().fused_sample_triton(*a), _no_f64))
 
@@ -89,8 +90,10 @@ _reward_op.register_fake(lambda out, logits, reward, beta, top_k, weights, backe
 def _sample_impl(tokens: torch.Tensor, logprobs: torch.Tensor, scores: torch.Tensor, temperature: torch.Tensor,
                  top_k: torch.Tensor, top_p: torch.Tensor, min_p: torch.Tensor, seed: torch.Tensor,
                  step: torch.Tensor, backend: str) -> None:
-    _SAMPLE.pick(backend, scores.device, scores.dtype)[1].fn(tokens, logprobs, scores, temperature, top_k, top_p,
-                                                             min_p, seed, step)
+    name, impl = _SAMPLE.pick(backend, scores.device, scores.dtype)
+    if name == "cuda" and backend == "auto" and scores.shape[1] > _cuda().MAX_VOCAB:  # beyond the kernel's vocabulary
+        impl = _SAMPLE.impls["triton"] if triton_available() else _SAMPLE.impls["torch"]
+    impl.fn(tokens, logprobs, scores, temperature, top_k, top_p, min_p, seed, step)
 
 
 _sample_op = torch.library.custom_op("pllm::sample_tokens", mutates_args=("tokens", "logprobs"))(_sample_impl)
