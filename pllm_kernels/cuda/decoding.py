@@ -25,14 +25,14 @@ from __future__ import annotations
 
 import torch
 
-from pllm_kernels import _ext
+from pllm_kernels.cuda._common import DTYPE_CODES, device_of, extension
 from pllm_kernels.cuda.lora import supports as _device_supports
 
 __all__ = ["MAX_SOURCES", "MAX_VOCAB", "mix_logprobs_cuda", "sample_tokens_cuda", "supports"]
 
 MAX_SOURCES = 64  # csrc/include/pllm/decoding.cuh dec::kMaxSources (checked against the extension by the tests)
 MAX_VOCAB = 1 << 24  # csrc/include/pllm/sample.cuh smp::kMaxVocab (counts and indices exact in float32)
-_DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+_DTYPES = DTYPE_CODES
 
 
 def supports(device, dtype) -> str | None:
@@ -41,32 +41,15 @@ def supports(device, dtype) -> str | None:
 
 
 def _C(name="mix_logprobs"):
-    C = _ext.ext()
-    if C is None or not hasattr(C, name):
-        why = _ext.ext_error if C is None else "the built extension has no decoding kernels (rebuild it)"
-        raise RuntimeError(f"the pllm_kernels CUDA extension is not available ({why}); build it with nvcc on PATH "
-                           "(`pip install -e .` or `python setup.py build_ext --inplace`), or use backend='triton' / "
-                           "'torch'")
-    return C
+    return extension(name, "decoding")
 
 
 def mix_logprobs_cuda(out, sources, coefs, *, _emulate=False) -> None:
     """``out (B, V)`` float32 ``= log_softmax(sum_i coefs[b, i] * log_softmax(sources[i, b]))`` (see the module
     docstring and :func:`pllm_kernels.ops.mix_logprobs`)."""
     tensors = [out, sources, coefs]
-    device = sources.device
-    if any(t.device != device for t in tensors):
-        raise RuntimeError(f"mix_logprobs_cuda: all tensors must be on one device, got "
-                           f"{sorted({str(t.device) for t in tensors})}")
-    if _emulate:
-        if device.type != "cpu":
-            raise RuntimeError(f"mix_logprobs_cuda(_emulate=True) runs on CPU tensors, got {device}")
-    elif device.type != "cuda":
-        raise RuntimeError(f"mix_logprobs_cuda needs CUDA tensors, got tensors on {device} (use backend='torch' or "
-                           "'triton' for CPU tensors)")
     C = _C()
-    if not _emulate and C.device_count() == 0:
-        raise RuntimeError("mix_logprobs_cuda: the CUDA extension sees no CUDA device/driver")
+    device = device_of(tensors, "mix_logprobs_cuda", _emulate, C)
     if sources.dtype not in _DTYPES:
         raise RuntimeError(f"mix_logprobs_cuda: the CUDA kernel takes float32 / float16 / bfloat16 sources, got "
                            f"{sources.dtype}")
@@ -106,19 +89,8 @@ def sample_tokens_cuda(tokens, logprobs, scores, temperature, top_k, top_p, min_
     :func:`pllm_kernels.ops.sample_tokens`)."""
     params = [temperature, top_k, top_p, min_p, seed, step]
     tensors = [tokens, logprobs, scores, *params]
-    device = scores.device
-    if any(t.device != device for t in tensors):
-        raise RuntimeError(f"sample_tokens_cuda: all tensors must be on one device, got "
-                           f"{sorted({str(t.device) for t in tensors})}")
-    if _emulate:
-        if device.type != "cpu":
-            raise RuntimeError(f"sample_tokens_cuda(_emulate=True) runs on CPU tensors, got {device}")
-    elif device.type != "cuda":
-        raise RuntimeError(f"sample_tokens_cuda needs CUDA tensors, got tensors on {device} (use backend='torch' or "
-                           "'triton' for CPU tensors)")
     C = _C("sample_tokens")
-    if not _emulate and C.device_count() == 0:
-        raise RuntimeError("sample_tokens_cuda: the CUDA extension sees no CUDA device/driver")
+    device = device_of(tensors, "sample_tokens_cuda", _emulate, C)
     if scores.dtype not in _DTYPES:
         raise RuntimeError(f"sample_tokens_cuda: the CUDA kernel takes float32 / float16 / bfloat16 scores, got "
                            f"{scores.dtype}")

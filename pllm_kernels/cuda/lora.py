@@ -32,13 +32,14 @@ from collections.abc import Sequence
 import torch
 
 from pllm_kernels import _ext
+from pllm_kernels.cuda._common import DTYPE_CODES, device_of, extension
 
 __all__ = ["PATHS", "choose_path", "lora_apply_cuda", "lora_expand_cuda", "lora_shrink_cuda", "supports"]
 
 PATHS = {"auto": 0, "sgmv": 1, "bgmv": 2, "fused": 3}
 _PATH_NAMES = {v: k for k, v in PATHS.items()}
 _OPS = {"shrink": 0, "expand": 1, "apply": 2}
-_DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+_DTYPES = DTYPE_CODES
 EMU_NUM_SMS = 132  # SM count the emulator plans for (launch choices only, never results)
 
 
@@ -84,12 +85,7 @@ def choose_path(path: str, op: str, num_tokens: int, k: int, num_slices: int, ma
 
 # ------------------------------------------------------------------------------------------------ argument plumbing
 def _C():
-    C = _ext.ext()
-    if C is None:
-        raise RuntimeError(f"the pllm_kernels CUDA extension is not available ({_ext.ext_error}); build it with nvcc "
-                           "on PATH (`pip install -e .` or `python setup.py build_ext --inplace`), or use "
-                           "backend='triton' / 'torch'")
-    return C
+    return extension()
 
 
 def _path_code(path: str) -> int:
@@ -107,21 +103,7 @@ def _dtype_code(dtype: torch.dtype) -> int:
 
 
 def _device_of(tensors: Sequence[torch.Tensor], op: str, emulate: bool) -> torch.device:
-    device = tensors[0].device
-    for t in tensors:
-        if t.device != device:
-            raise RuntimeError(f"lora_{op}_cuda: all tensors must be on one device, got {t.device} and {device}")
-    if emulate:
-        if device.type != "cpu":
-            raise RuntimeError(f"lora_{op}_cuda(_emulate=True) runs on CPU tensors, got {device}")
-        return device
-    if device.type != "cuda":
-        raise RuntimeError(f"lora_{op}_cuda needs CUDA tensors, got tensors on {device} (use backend='torch' or "
-                           "'triton' for CPU tensors)")
-    C = _C()
-    if C.device_count() == 0:
-        raise RuntimeError(f"lora_{op}_cuda: the CUDA extension sees no CUDA device/driver")
-    return device
+    return device_of(tensors, f"lora_{op}_cuda", emulate)
 
 
 def _inner_unit(t: torch.Tensor) -> torch.Tensor:

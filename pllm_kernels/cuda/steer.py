@@ -23,13 +23,13 @@ from __future__ import annotations
 
 import torch
 
-from pllm_kernels import _ext
+from pllm_kernels.cuda._common import DTYPE_CODES, device_of, extension
 from pllm_kernels.cuda.lora import supports as _device_supports
 
 __all__ = ["MAX_HIDDEN", "steer_add_cuda", "steer_rmsnorm_cuda", "supports", "variant"]
 
 MAX_HIDDEN = 16384  # csrc/include/pllm/steer.cuh steer::kMaxHidden (checked against the extension by the tests)
-_DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+_DTYPES = DTYPE_CODES
 
 
 def supports(device, dtype) -> str | None:
@@ -39,30 +39,11 @@ def supports(device, dtype) -> str | None:
 
 
 def _C():
-    C = _ext.ext()
-    if C is None or not hasattr(C, "steer_add"):
-        why = _ext.ext_error if C is None else "the built extension has no steering kernels (rebuild it)"
-        raise RuntimeError(f"the pllm_kernels CUDA extension is not available ({why}); build it with nvcc on PATH "
-                           "(`pip install -e .` or `python setup.py build_ext --inplace`), or use backend='triton' / "
-                           "'torch'")
-    return C
+    return extension("steer_add", "steering")
 
 
 def _device_of(tensors, op: str, emulate: bool) -> torch.device:
-    device = tensors[0].device
-    for t in tensors:
-        if t.device != device:
-            raise RuntimeError(f"{op}_cuda: all tensors must be on one device, got {t.device} and {device}")
-    if emulate:
-        if device.type != "cpu":
-            raise RuntimeError(f"{op}_cuda(_emulate=True) runs on CPU tensors, got {device}")
-        return device
-    if device.type != "cuda":
-        raise RuntimeError(f"{op}_cuda needs CUDA tensors, got tensors on {device} (use backend='torch' or 'triton' "
-                           "for CPU tensors)")
-    if _C().device_count() == 0:
-        raise RuntimeError(f"{op}_cuda: the CUDA extension sees no CUDA device/driver")
-    return device
+    return device_of(tensors, f"{op}_cuda", emulate, None if emulate else _C())
 
 
 def _dtype_code(dtype: torch.dtype, op: str) -> int:
