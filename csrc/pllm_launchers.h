@@ -164,3 +164,18 @@ std::vector<std::pair<std::string, int64_t>> pllm_sample_constants();
 void pllm_sample_tokens_emu(uintptr_t tokens, uintptr_t logprobs, uintptr_t scores, uintptr_t temperature,
                             uintptr_t top_k, uintptr_t top_p, uintptr_t min_p, uintptr_t seed, uintptr_t step,
                             int64_t batch, int64_t vocab, int64_t row_stride, int dtype);
+
+// ---- reward.cu: token-level reward guidance (reward_guided) ------------------------------------------------------
+// Semantics: pllm_kernels/reference/decoding.py (reward_guided_ref, token rewards); kernel design:
+// csrc/include/pllm/reward.cuh. logits (B, V) of `dtype`, reward (B, V) float32 and out (B, V) float32, each with
+// unit innermost stride and its own row stride (elements), 1 <= V <= 2^24; per-row beta float32 and top_k int32 (B,).
+// Asynchronous on `stream`; std::runtime_error on bad arguments or when no CUDA device is present.
+void pllm_reward_guided(uintptr_t out, uintptr_t logits, uintptr_t reward, uintptr_t beta, uintptr_t top_k,
+                        int64_t batch, int64_t vocab, int64_t logits_stride, int64_t reward_stride, int64_t out_stride,
+                        int dtype, uintptr_t stream);
+std::vector<std::string> pllm_reward_kernels();
+std::vector<std::pair<std::string, int64_t>> pllm_reward_constants();
+// reward_emu.cpp: the same kernel on the CPU emulator (host pointers, no stream; tests only).
+void pllm_reward_guided_emu(uintptr_t out, uintptr_t logits, uintptr_t reward, uintptr_t beta, uintptr_t top_k,
+                            int64_t batch, int64_t vocab, int64_t logits_stride, int64_t reward_stride,
+                            int64_t out_stride, int dtype);

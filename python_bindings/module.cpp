@@ -150,4 +150,22 @@ PYBIND11_MODULE(_C, m) {
         return d;
       },
       "Constants of the sampler kernel (csrc/include/pllm/sample.cuh).");
+
+  // ---- token-level reward guidance (csrc/reward.cu; semantics pllm_kernels/reference/decoding.py reward_guided_ref)
+  m.def("reward_guided", &pllm_reward_guided,
+        "reward_guided(out, logits, reward, beta, top_k, batch, vocab, logits_stride, reward_stride, out_stride, "
+        "dtype, stream): out (B, V) float32 = log_softmax over the top_k candidates of log_softmax(logits) + beta * "
+        "reward (token rewards (B, V) float32), -inf elsewhere; per-row beta / top_k (B,). Pointers as ints, element "
+        "strides, cudaStream_t as int. Asynchronous.");
+  m.def("reward_guided_emu", &pllm_reward_guided_emu,
+        "reward_guided on the CPU emulator (host pointers; no stream argument). Tests only.");
+  m.def("reward_kernels", &pllm_reward_kernels, "Names of the compiled reward-guidance kernel variants.");
+  m.def(
+      "reward_constants",
+      []() {
+        py::dict d;
+        for (const auto& kv : pllm_reward_constants()) d[py::str(kv.first)] = kv.second;
+        return d;
+      },
+      "Constants of the reward-guidance kernel (csrc/include/pllm/reward.cuh).");
 }
