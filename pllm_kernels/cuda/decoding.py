@@ -1,5 +1,5 @@
-"""CUDA launchers of ``mix_logprobs`` (kernel: ``csrc/include/pllm/decoding.cuh``) and ``sample_tokens`` (kernel:
-``csrc/include/pllm/sample.cuh``).
+"""CUDA launchers of ``mix_logprobs`` (kernel: ``csrc/include/pllm/decoding.cuh``), ``sample_tokens`` (kernel:
+``csrc/include/pllm/sample.cuh``) and ``reward_guided`` (kernel: ``csrc/include/pllm/reward.cuh``).
 
 Same arguments and semantics as :func:`pllm_kernels.triton.decoding.mix_logprobs_triton` (the spec is
 :func:`pllm_kernels.reference.decoding.mix_logprobs_ref`): ``out (B, V)`` float32 ``= log_softmax(sum_i coefs[b, i] *
@@ -17,6 +17,14 @@ bisection on order-preserving float32 keys (index bisection inside groups of equ
 spec's counter-based uniform; float32 arithmetic on the exact float32 scores, like the Triton kernel, so tokens equal
 the spec's except for near-ties at the float32 rounding level.
 
+``reward_guided_cuda``: the Triton kernel's algorithm (:func:`pllm_kernels.triton.decoding.reward_guided_triton`; spec
+:func:`pllm_kernels.reference.decoding.reward_guided_ref`) as one block per row on token rewards ``(B, V)``: the
+candidates (the first ``top_k[b]`` tokens in (logit descending, index ascending) order) by count bisection on the
+logits' order-preserving float32 keys (index bisection when the k-th logit is tied), then the row maximum, the guided
+maximum and sum over the candidates, and ``out = (x - max x) + beta r - lse`` there, exactly ``-inf`` elsewhere. The
+multi-objective ``(B, M, V)`` and per-candidate ``(B, k)`` forms are reduced to token rewards first, as the Triton
+wrapper does.
+
 This module only converts arguments (pointers, element strides, dtype code, the current CUDA stream: CUDA-graph
 capturable); ``_emulate=True`` (tests) runs the same kernel on CPU tensors through the extension's CPU emulator.
 """
@@ -28,10 +36,10 @@ import torch
 from pllm_kernels.cuda._common import DTYPE_CODES, device_of, extension
 from pllm_kernels.cuda.lora import supports as _device_supports
 
-__all__ = ["MAX_SOURCES", "MAX_VOCAB", "mix_logprobs_cuda", "sample_tokens_cuda", "supports"]
+__all__ = ["MAX_SOURCES", "MAX_VOCAB", "mix_logprobs_cuda", "reward_guided_cuda", "sample_tokens_cuda", "supports"]
 
 MAX_SOURCES = 64  # csrc/include/pllm/decoding.cuh dec::kMaxSources (checked against the extension by the tests)
-MAX_VOCAB = 1 << 24  # csrc/include/pllm/sample.cuh smp::kMaxVocab (counts and indices exact in float32)
+MAX_VOCAB = 1 << 24  # csrc/include/pllm/sample.cuh smp::kMaxVocab = reward.cuh rwd::kMaxVocab (exact in float32)
 _DTYPES = DTYPE_CODES
 
 
@@ -127,3 +135,70 @@ def sample_tokens_cuda(tokens, logprobs, scores, temperature, top_k, top_p, min_
         tokens.copy_(tok)
     if lp is not logprobs:
         logprobs.copy_(lp)
+
+
+def _token_rewards(logits, reward, weights):
+    """``(B, V)`` float32 token rewards from the op's three forms (the reduction of
+    :func:`pllm_kernels.triton.decoding.reward_guided_triton`, which has no helper of its own to call): ``(B, V)`` as
+    is; ``(B, M, V)`` with ``weights (B, M)``: ``sum_m weights[:, m] * reward[:, m]``; ``(B, k)`` per-candidate
+    rewards: scattered into a zero row at the candidates' indices (stable host-side sort of the logits)."""
+    B, V = logits.shape
+    if reward.dim() == 3:
+        return (weights.to(torch.float32)[:, :, None] * reward.to(torch.float32)).sum(1)
+    if reward.shape[1] == V:
+        return reward.to(torch.float32)
+    k = reward.shape[1]
+    order = torch.sort(logits.to(torch.float32), dim=-1, descending=True, stable=True).indices[:, :k]
+    r = torch.zeros(B, V, dtype=torch.float32, device=logits.device)
+    r.scatter_(1, order, reward.to(torch.float32))
+    return r
+
+
+def reward_guided_cuda(out, logits, reward, beta, top_k, weights=None, *, _emulate=False) -> None:
+    """``out (B, V)`` float32 ``= log_softmax(log_softmax(logits) + beta * reward)`` over the candidates (the first
+    ``top_k[b]`` tokens of ``logits[b]`` in (logit descending, index ascending) order, every token when 0), exactly
+    ``-inf`` elsewhere; ``logits (B, V)`` fp32 / fp16 / bf16, per-row ``beta`` / ``top_k`` ``(B,)``; ``reward`` in
+    any form of :func:`pllm_kernels.ops.reward_guided_logprobs` (see the module docstring)."""
+    tensors = [out, logits, reward, beta, top_k] + ([weights] if weights is not None else [])
+    C = _C("reward_guided")
+    device = device_of(tensors, "reward_guided_cuda", _emulate, C)
+    if logits.dtype not in _DTYPES:
+        raise RuntimeError(f"reward_guided_cuda: the CUDA kernel takes float32 / float16 / bfloat16 logits, got "
+                           f"{logits.dtype}")
+    if logits.dim() != 2:
+        raise RuntimeError(f"reward_guided_cuda: logits must be (B, V), got shape {tuple(logits.shape)}")
+    B, V = logits.shape
+    if not 1 <= V <= MAX_VOCAB:
+        raise RuntimeError(f"reward_guided_cuda: the CUDA kernel takes vocabularies of 1..{MAX_VOCAB} tokens, got {V}")
+    if tuple(out.shape) != (B, V) or out.dtype != torch.float32:
+        raise RuntimeError(f"reward_guided_cuda: expected out (B={B}, V={V}) float32, got {out.dtype} "
+                           f"{tuple(out.shape)}")
+    if tuple(beta.shape) != (B,) or tuple(top_k.shape) != (B,):
+        raise RuntimeError(f"reward_guided_cuda: beta and top_k must be (B={B},), got {tuple(beta.shape)} and "
+                           f"{tuple(top_k.shape)}")
+    if reward.dim() == 3 and weights is None:
+        raise RuntimeError("reward_guided_cuda: (B, M, V) rewards need weights (B, M)")
+    if reward.dim() not in (2, 3) or reward.shape[0] != B or (reward.dim() == 3 and reward.shape[2] != V):
+        raise RuntimeError(f"reward_guided_cuda: expected reward (B={B}, V={V}), (B, M, V) or (B, k), got "
+                           f"{tuple(reward.shape)}")
+    if B == 0:
+        return
+    r = _token_rewards(logits, reward, weights)
+    if (V > 1 and r.stride(1) != 1) or r.stride(0) < 0:
+        r = r.contiguous()
+    if (V > 1 and logits.stride(1) != 1) or logits.stride(0) < 0:
+        logits = logits.contiguous()
+    beta = beta.to(torch.float32).contiguous()
+    top_k = top_k.to(torch.int32).contiguous()
+    target = out if (V <= 1 or out.stride(1) == 1) and out.stride(0) >= 0 else out.contiguous()
+    args = [target.data_ptr(), logits.data_ptr(), r.data_ptr(), beta.data_ptr(), top_k.data_ptr(), B, V,
+            logits.stride(0), r.stride(0), target.stride(0), _DTYPES[logits.dtype]]
+    if _emulate:
+        C.reward_guided_emu(*args)
+    elif device.index is not None and device.index != torch.cuda.current_device():
+        with torch.cuda.device(device):
+            C.reward_guided(*args, torch.cuda.current_stream(device).cuda_stream)
+    else:
+        C.reward_guided(*args, torch.cuda.current_stream(device).cuda_stream)
+    if target is not out:
+        out.copy_(target)

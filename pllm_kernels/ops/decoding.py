@@ -58,7 +58,8 @@ _MIX = OpTable("mix_logprobs", torch=Impl(torch_dec.mix_logprobs_torch),
                triton=Impl(lambda *a: _triton().mix_logprobs_triton(*a), _no_f64),
                cuda=Impl(lambda *a: _cuda().mix_logprobs_cuda(*a), _cuda_supports))
 _REWARD = OpTable("reward_guided", torch=Impl(torch_dec.reward_guided_torch),
-                  triton=Impl(lambda *a: _triton().reward_guided_triton(*a), _no_f64))
+                  triton=Impl(lambda *a: _triton().reward_guided_triton(*a), _no_f64),
+                  cuda=Impl(lambda *a: _cuda().reward_guided_cuda(*a), _cuda_supports))
 _SAMPLE = OpTable("sample_tokens", torch=Impl(torch_dec.sample_torch),
                   triton=Impl(lambda *a: _triton().sample_triton(*a), _no_f64),
                   cuda=Impl(lambda *a: _cuda().sample_tokens_cuda(*a), _cuda_supports))
@@ -80,7 +81,10 @@ _mix_op.register_fake(lambda out, sources, coefs, backend: None)
 
 def _reward_impl(out: torch.Tensor, logits: torch.Tensor, reward: torch.Tensor, beta: torch.Tensor,
                  top_k: torch.Tensor, weights: torch.Tensor | None, backend: str) -> None:
-    _REWARD.pick(backend, logits.device, logits.dtype)[1].fn(out, logits, reward, beta, top_k, weights)
+    name, impl = _REWARD.pick(backend, logits.device, logits.dtype)
+    if name == "cuda" and backend == "auto" and logits.shape[1] > _cuda().MAX_VOCAB:  # beyond the kernel's vocabulary
+        impl = _REWARD.impls["triton"] if triton_available() else _REWARD.impls["torch"]
+    impl.fn(out, logits, reward, beta, top_k, weights)
 
 
 _reward_op = torch.library.custom_op("pllm::reward_guided", mutates_args=("out",))(_reward_impl)
