@@ -11,7 +11,7 @@ each logged to ``OUT/logs/<step>.log``:
    gpu_decode ``pytest -m gpu tests/hf/test_static_decode.py`` (CUDA-graph decode replayed while users change,
    torch.compile reduce-overhead; ``OUT/junit_gpu_decode.xml``)
 3. sanitizer ``compute-sanitizer --tool memcheck`` over ``pytest -m gpu tests/cuda`` and ``--tool racecheck`` over
-             ``tests/cuda/test_{lora,steer,decoding,sample}_cuda_gpu.py -k sanitizer`` (both with
+             ``tests/cuda/test_{lora,steer,decoding,sample,reward}_cuda_gpu.py -k sanitizer`` (both with
              ``PLLM_SANITIZER=1``: small shapes)
 3b. tune_lora ``python -m pllm_kernels.bench.tune_lora --T 1,8,64 --rank 16 --budget-s 35``: a short timing pass of
              the Triton LoRA launch configs at decode shapes, written to ``OUT/lora_configs.json`` (review, then
@@ -305,11 +305,12 @@ def main(argv=None) -> int:
     elif san is None:
         s.skip("sanitizer", "compute-sanitizer not found (PATH, $CUDA_HOME/bin, /usr/local/cuda/bin)")
     else:
-        # PLLM_SANITIZER=1: tests/cuda/test_{lora,steer,decoding,sample}_cuda_gpu.py keep their small shapes (every
-        # kernel variant) and skip Triton; racecheck (shared-memory hazards of the cp.async pipelines and of the
-        # steering / mixing / sampling kernels' block reductions) runs on their sanitizer subsets.
+        # PLLM_SANITIZER=1: tests/cuda/test_{lora,steer,decoding,sample,reward}_cuda_gpu.py keep their small shapes
+        # (every kernel variant) and skip Triton; racecheck (shared-memory hazards of the cp.async pipelines and of the
+        # steering / mixing / sampling / reward kernels' block reductions) runs on their sanitizer subsets.
         racecheck = ["tests/cuda/test_lora_cuda_gpu.py", "tests/cuda/test_steer_cuda_gpu.py",
-                     "tests/cuda/test_decoding_cuda_gpu.py", "tests/cuda/test_sample_cuda_gpu.py", "-k", "sanitizer"]
+                     "tests/cuda/test_decoding_cuda_gpu.py", "tests/cuda/test_sample_cuda_gpu.py",
+                     "tests/cuda/test_reward_cuda_gpu.py", "-k", "sanitizer"]
         for tool, tests, limit in (("memcheck", ["tests/cuda"], 120), ("racecheck", racecheck, 90)):
             name = "sanitizer" if tool == "memcheck" else f"sanitizer_{tool}"
             rc, text = s.run(name, [san, "--tool", tool, "--error-exitcode", "99", "--target-processes", "all",
