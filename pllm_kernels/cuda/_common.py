@@ -9,7 +9,7 @@ import torch
 
 from pllm_kernels import _ext
 
-__all__ = ["DTYPE_CODES", "device_of", "extension"]
+__all__ = ["DTYPE_CODES", "device_of", "extension", "launch"]
 
 DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}  # the kernels' dtype codes
 
@@ -42,3 +42,17 @@ def device_of(tensors: Sequence[torch.Tensor], name: str, emulate: bool, C=None)
     if (C if C is not None else extension()).device_count() == 0:
         raise RuntimeError(f"{name}: the CUDA extension sees no CUDA device/driver")
     return device
+
+
+def launch(C, name: str, args: list, device: torch.device, emulate: bool, emu_args: tuple = ()) -> None:
+    """Run launcher ``name`` of ``C``: on the CPU emulator (``<name>_emu(*args, *emu_args)``), or on ``device``'s
+    current stream (made the current device for the call when it is not)."""
+    if emulate:
+        getattr(C, f"{name}_emu")(*args, *emu_args)
+        return
+    fn = getattr(C, name)
+    if device.index is not None and device.index != torch.cuda.current_device():
+        with torch.cuda.device(device):
+            fn(*args, torch.cuda.current_stream(device).cuda_stream)
+    else:
+        fn(*args, torch.cuda.current_stream(device).cuda_stream)

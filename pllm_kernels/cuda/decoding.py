@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import torch
 
-from pllm_kernels.cuda._common import DTYPE_CODES, device_of, extension
+from pllm_kernels.cuda._common import DTYPE_CODES, device_of, extension, launch
 from pllm_kernels.cuda.lora import supports as _device_supports
 
 __all__ = ["MAX_SOURCES", "MAX_VOCAB", "mix_logprobs_cuda", "reward_guided_cuda", "sample_tokens_cuda", "supports"]
@@ -78,13 +78,7 @@ def mix_logprobs_cuda(out, sources, coefs, *, _emulate=False) -> None:
     target = out if (V <= 1 or out.stride(1) == 1) and out.stride(0) >= 0 else out.contiguous()
     args = [target.data_ptr(), sources.data_ptr(), coefs.data_ptr(), S, B, V, sources.stride(0), sources.stride(1),
             coefs.stride(0), coefs.stride(1), target.stride(0), _DTYPES[sources.dtype]]
-    if _emulate:
-        C.mix_logprobs_emu(*args)
-    elif device.index is not None and device.index != torch.cuda.current_device():
-        with torch.cuda.device(device):
-            C.mix_logprobs(*args, torch.cuda.current_stream(device).cuda_stream)
-    else:
-        C.mix_logprobs(*args, torch.cuda.current_stream(device).cuda_stream)
+    launch(C, "mix_logprobs", args, device, _emulate)
     if target is not out:
         out.copy_(target)
 
@@ -124,13 +118,7 @@ def sample_tokens_cuda(tokens, logprobs, scores, temperature, top_k, top_p, min_
     lp = logprobs if logprobs.is_contiguous() else torch.empty_like(logprobs, memory_format=torch.contiguous_format)
     args = [tok.data_ptr(), lp.data_ptr(), scores.data_ptr(), *(t.data_ptr() for t in params), B, V,
             scores.stride(0), _DTYPES[scores.dtype]]
-    if _emulate:
-        C.sample_tokens_emu(*args)
-    elif device.index is not None and device.index != torch.cuda.current_device():
-        with torch.cuda.device(device):
-            C.sample_tokens(*args, torch.cuda.current_stream(device).cuda_stream)
-    else:
-        C.sample_tokens(*args, torch.cuda.current_stream(device).cuda_stream)
+    launch(C, "sample_tokens", args, device, _emulate)
     if tok is not tokens:
         tokens.copy_(tok)
     if lp is not logprobs:
@@ -193,12 +181,6 @@ def reward_guided_cuda(out, logits, reward, beta, top_k, weights=None, *, _emula
     target = out if (V <= 1 or out.stride(1) == 1) and out.stride(0) >= 0 else out.contiguous()
     args = [target.data_ptr(), logits.data_ptr(), r.data_ptr(), beta.data_ptr(), top_k.data_ptr(), B, V,
             logits.stride(0), r.stride(0), target.stride(0), _DTYPES[logits.dtype]]
-    if _emulate:
-        C.reward_guided_emu(*args)
-    elif device.index is not None and device.index != torch.cuda.current_device():
-        with torch.cuda.device(device):
-            C.reward_guided(*args, torch.cuda.current_stream(device).cuda_stream)
-    else:
-        C.reward_guided(*args, torch.cuda.current_stream(device).cuda_stream)
+    launch(C, "reward_guided", args, device, _emulate)
     if target is not out:
         out.copy_(target)

@@ -32,7 +32,7 @@ from collections.abc import Sequence
 import torch
 
 from pllm_kernels import _ext
-from pllm_kernels.cuda._common import DTYPE_CODES, device_of, extension
+from pllm_kernels.cuda._common import DTYPE_CODES, device_of, extension, launch
 
 __all__ = ["PATHS", "choose_path", "lora_apply_cuda", "lora_expand_cuda", "lora_shrink_cuda", "supports"]
 
@@ -133,15 +133,7 @@ def _check_act(name: str, t: torch.Tensor, dtype: torch.dtype, dim: int, op: str
 
 
 def _run(op: str, args: list, device: torch.device, emulate: bool) -> None:
-    C = _C()
-    if emulate:
-        getattr(C, f"lora_{op}_emu")(*args, EMU_NUM_SMS)
-        return
-    if device.index is not None and device.index != torch.cuda.current_device():
-        with torch.cuda.device(device):
-            getattr(C, f"lora_{op}")(*args, torch.cuda.current_stream(device).cuda_stream)
-    else:
-        getattr(C, f"lora_{op}")(*args, torch.cuda.current_stream(device).cuda_stream)
+    launch(_C(), f"lora_{op}", args, device, emulate, (EMU_NUM_SMS,))
 
 
 def _rmw_target(y: torch.Tensor) -> torch.Tensor:

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import torch
 
-from pllm_kernels.cuda._common import DTYPE_CODES, device_of, extension
+from pllm_kernels.cuda._common import DTYPE_CODES, device_of, extension, launch
 from pllm_kernels.cuda.lora import supports as _device_supports
 
 __all__ = ["MAX_HIDDEN", "steer_add_cuda", "steer_rmsnorm_cuda", "supports", "variant"]
@@ -103,15 +103,7 @@ def _check(h, vectors, op: str):
 
 
 def _run(name: str, args: list, device: torch.device, emulate: bool) -> None:
-    C = _C()
-    if emulate:
-        getattr(C, f"{name}_emu")(*args)
-        return
-    if device.index is not None and device.index != torch.cuda.current_device():
-        with torch.cuda.device(device):
-            getattr(C, name)(*args, torch.cuda.current_stream(device).cuda_stream)
-    else:
-        getattr(C, name)(*args, torch.cuda.current_stream(device).cuda_stream)
+    launch(_C(), name, args, device, emulate)
 
 
 # ------------------------------------------------------------------------------------------------ launchers
