@@ -139,6 +139,14 @@ def lora_apply_torch(y, x, lora_a, lora_b, slot_ranks, slot_scales, token_slots,
     """Fused shrink + expand in torch: ``y += sum_k w * scale * (x @ A[slot].T) @ B[slot].T`` per token.
 
     ``y``: ``(T, sum(slice_sizes))``, or a list of per-slice outputs ``(T, N_s)``."""
+    if strategy in ("auto", "dense"):
+        dense = _dense_plan(x, lora_a, lora_b, slot_ranks, slot_scales, token_slots, token_weights, slice_sizes,
+                            force=strategy == "dense")
+        if dense is not None:
+            dense.run(y if isinstance(y, (list, tuple)) else dense.split(y), x)
+            return
+        if strategy == "dense":  # not servable densely (dtype, inference-mode buffers, a non-finite slot)
+            strategy = "auto"
     T, K = token_slots.shape
     L, S, R, H = lora_a.shape
     N = lora_b.shape[1]
@@ -148,14 +156,6 @@ def lora_apply_torch(y, x, lora_a, lora_b, slot_ranks, slot_scales, token_slots,
         ys = list(y)
     else:
         ys = [y[:, offsets[s] : offsets[s + 1]] for s in range(S)] if S > 1 else [y]
-    if strategy in ("auto", "dense"):
-        dense = _dense_plan(x, lora_a, lora_b, slot_ranks, slot_scales, token_slots, token_weights,
-                            force=strategy == "dense")
-        if dense is not None:
-            _apply_dense(ys, x, lora_a, offsets, dense, slot_ranks)
-            return
-        if strategy == "dense":  # not servable densely (dtype, inference-mode buffers, a non-finite slot)
-            strategy = "auto"
     runs = _runs(token_slots, sorted_pairs, L)
     if not runs:
         return
@@ -204,30 +204,34 @@ _BT_CACHE: dict = {}
 _BT_LOCK = threading.Lock()
 
 
-def _bt_cached(lora_b: torch.Tensor, slot_ranks: torch.Tensor):
-    """``(bt (L*R, N), bad slots)``: B transposed slot by slot (row ``l*R + r`` is ``B[l, :, r]``) with the padding
-    beyond each slot's rank zeroed, and slots holding a non-finite value within their rank zeroed and listed in
-    ``bad`` (a batch using one of them takes another strategy, which propagates the value as the spec does).
-    Cached on the buffer (its version counter: the store writes slots in place) and the ranks; ``None`` for
-    inference tensors (no version counter)."""
-    if lora_b.is_inference() or slot_ranks.is_inference():
+def _bt_cached(lora_b: torch.Tensor, slot_ranks: torch.Tensor, slot_scales: torch.Tensor, offsets: tuple):
+    """``(bts, bad slots)``: per slice ``s`` a contiguous ``(L, R, N_s)`` copy of ``B[:, slice s, :]`` transposed and
+    scaled by the slot's scale (``bts[s][l, r] = scale[l] * B[l, slice s, r]``) with the padding beyond each slot's
+    rank zeroed; slots holding a non-finite value within their rank (after scaling) are zeroed and listed in ``bad``
+    (a batch using one of them takes another strategy, which propagates the value as the spec does). Cached on the
+    buffers (their version counters: the store writes slots in place); ``None`` for inference tensors (no version
+    counter)."""
+    if lora_b.is_inference() or slot_ranks.is_inference() or slot_scales.is_inference():
         return None
-    key = (id(lora_b), tuple(lora_b.shape), lora_b.stride(), lora_b.dtype)
-    stamp = (lora_b.data_ptr(), lora_b._version, slot_ranks.data_ptr(), slot_ranks._version)
+    key = (id(lora_b), tuple(lora_b.shape), lora_b.stride(), lora_b.dtype, id(slot_scales), offsets)
+    stamp = (lora_b.data_ptr(), lora_b._version, slot_ranks.data_ptr(), slot_ranks._version, slot_scales.data_ptr(),
+             slot_scales._version)
     hit = _BT_CACHE.get(key)
     if hit is not None and hit[0]() is lora_b and hit[1] == stamp:
         return hit[2]
     L, N, R = lora_b.shape
+    acc = _acc(lora_b.dtype)
     with torch.inference_mode(False), torch.no_grad():
         ranks = slot_ranks.clamp(0, R).to(lora_b.device)
         keep = torch.arange(R, device=lora_b.device)[None, :] < ranks[:, None]  # (L, R)
-        bt = torch.where(keep[:, :, None], lora_b.detach().permute(0, 2, 1), 0).to(_acc(lora_b.dtype))  # (L, R, N)
+        scales = slot_scales.to(device=lora_b.device, dtype=acc)[:, None, None]
+        bt = torch.where(keep[:, :, None], lora_b.detach().permute(0, 2, 1).to(acc) * scales, 0)  # (L, R, N)
         finite = torch.isfinite(bt).reshape(L, -1).all(1)
         bad = frozenset(int(i) for i in (~finite).nonzero().flatten().tolist())
         if bad:
             bt[~finite] = 0
-        bt = bt.reshape(L * R, N).contiguous()
-    value = (bt, bad)
+        bts = tuple(bt[:, :, offsets[i] : offsets[i + 1]].contiguous() for i in range(len(offsets) - 1))
+    value = (bts, bad)
     with _BT_LOCK:
         if len(_BT_CACHE) > 256:
             _BT_CACHE.clear()
@@ -276,107 +280,10 @@ def _dense_routing(token_slots, token_weights, L, acc):
     idx.view(-1)[pos_t] = tok_t
     pw.view(-1)[pos_t] = pair_w[torch.tensor(order, dtype=torch.long, device=flat.device)]
     full = len(pos) == span * m
-    padded = (m, idx, pw, pos_t, tok_t, full)
+    unit = bool((pair_w == 1).all())  # every routing weight 1: no multiply
+    ident = m == 1 and full and span == T and tok == list(range(T))  # slot lo + i serves token i, only it
+    padded = (m, idx, pw, pos_t, tok_t, full, unit, ident)
     return lo, hi, used, hit, w, bool(touched.all()), touched, padded
-
-
-_COEF_CACHE: dict = {}
-
-
-def _dense_coef(routing, slot_ranks, slot_scales, R, acc):
-    """``(keep, coef)`` ``(T, span, 1, R)`` of one target: ``coef`` = the token's routing weight * the slot's scale
-    where the token uses the slot and ``r`` < the slot's rank, else 0; ``keep`` marks those entries (padding and
-    unused slots may hold anything, so they are cut with ``torch.where``, not multiplied by 0). Cached per routing
-    and the target's ranks / scales (version counters) when they have them."""
-    key = None
-    if not (slot_ranks.is_inference() or slot_scales.is_inference()):
-        key = (id(routing), id(slot_ranks), slot_ranks._version, id(slot_scales), slot_scales._version, R, acc)
-        hit = _COEF_CACHE.get(key)
-        if hit is not None and hit[0] is routing:
-            return hit[1]
-    lo, hi, _used, hit_, w = routing[:5]
-    in_rank = torch.arange(R, device=w.device)[None, :] < slot_ranks[lo:hi, None].to(w.device)  # (span, R)
-    keep = (hit_[:, :, None] & in_rank[None]).unsqueeze(2)  # (T, span, 1, R)
-    coef = torch.where(keep, (w * slot_scales[lo:hi].to(acc)[None, :])[:, :, None, None], 0)
-    value = (keep, coef)
-    if key is not None:
-        if len(_COEF_CACHE) > 1024:
-            _COEF_CACHE.clear()
-        _COEF_CACHE[key] = (routing, value)
-    return value
-
-
-def _padded_coef(routing, slot_ranks, slot_scales, acc):
-    """``(span, m, 1)``: routing weight * slot scale of each (slot, listed token); 0 on padding. Cached like
-    :func:`_dense_coef`."""
-    key = None
-    if not (slot_ranks.is_inference() or slot_scales.is_inference()):
-        key = ("padded", id(routing), id(slot_scales), slot_scales._version, acc)
-        hit = _COEF_CACHE.get(key)
-        if hit is not None and hit[0] is routing:
-            return hit[1]
-    lo, hi = routing[0], routing[1]
-    pw = routing[7][2]
-    coef = (pw * slot_scales[lo:hi].to(device=pw.device, dtype=acc)[:, None])[:, :, None]
-    if key is not None:
-        if len(_COEF_CACHE) > 1024:
-            _COEF_CACHE.clear()
-        _COEF_CACHE[key] = (routing, coef)
-    return coef
-
-
-def _apply_padded(ys, x, lora_a, slot_ranks, offsets, routing, coef, bt) -> None:
-    """Batched form of the dense strategy: one ``bmm`` over the span's slots, each with its own tokens (padded to
-    ``m``), reading every slot's A and cleaned B^T in place; the products land on their tokens by ``index_put_``
-    (touched rows only)."""
-    lo, hi = routing[0], routing[1]
-    m, idx, _pw, pos, tok, full = routing[7]
-    L, S, R, H = lora_a.shape
-    span = hi - lo
-    xs = x.index_select(0, idx.view(-1)).view(span, m, H)
-    v = torch.bmm(xs, lora_a[lo:hi].reshape(span, S * R, H).transpose(1, 2))  # (span, m, S*R)
-    v.mul_(coef)
-    if not _all_finite(lora_a):  # 0 * inf: cut padding rows and entries beyond each slot's rank
-        r = torch.arange(R, device=v.device)
-        keep = (coef != 0) & (r[None, None, :] < slot_ranks[lo:hi, None, None].to(v.device))  # (span, m, R)
-        v.masked_fill_(~keep.repeat(1, 1, S), 0)
-    b3 = bt.view(L, R, -1)[lo:hi]  # (span, R, N)
-    for s, out in enumerate(ys):
-        d = torch.bmm(v[:, :, s * R : (s + 1) * R], b3[:, :, offsets[s] : offsets[s + 1]])  # (span, m, N_s)
-        d = d.view(span * m, -1)
-        if not full:
-            d = d.index_select(0, pos)
-        out.index_put_((tok,), d if d.dtype == out.dtype else d.to(out.dtype), accumulate=True)
-
-
-def _dense_plan(x, lora_a, lora_b, slot_ranks, slot_scales, token_slots, token_weights, force=False):
-    """What :func:`_apply_dense` needs, or ``None`` when the dense strategy cannot serve this call (dtype not fp32 /
-    fp64, buffers without a version counter, a used slot with a non-finite value) or, unless ``force``, would be
-    slow for it (too many tokens times slots, or a sparse slot span)."""
-    if x.dtype not in (torch.float32, torch.float64) or lora_a.dtype != x.dtype or lora_b.dtype != x.dtype:
-        return None
-    if not lora_a.is_contiguous():
-        return None
-    L, S, R, H = lora_a.shape
-    T = token_slots.shape[0]
-    acc = x.dtype
-    routing = memo(token_slots, ("dense", L, acc), lambda ts, tw: _dense_routing(ts, tw, L, acc), token_weights)
-    if routing is None:
-        return None
-    lo, hi, used = routing[0], routing[1], routing[2]
-    span = hi - lo
-    if not force and (T * span > DENSE_MAX_WORK or span > DENSE_MAX_SPAN_PER_SLOT * len(used)):
-        return None
-    cached = _bt_cached(lora_b, slot_ranks)
-    if cached is None:
-        return None
-    bt, bad = cached
-    if bad and any(s in bad for s in used):
-        return None
-    if T > 2 * routing[7][0] and T > 1:  # tokens spread over the slots: the batched form skips the others' products
-        return ("padded", routing, _padded_coef(routing, slot_ranks, slot_scales, acc), bt)
-    keep, coef = _dense_coef(routing, slot_ranks, slot_scales, R, acc)
-    return (lo, hi, keep, coef, routing[5], routing[6]), bt
 
 
 _A_FINITE: dict = {}
@@ -399,31 +306,137 @@ def _all_finite(lora_a: torch.Tensor) -> bool:
     return ok
 
 
-def _apply_dense(ys, x, lora_a, offsets, plan, slot_ranks=None) -> None:
-    if plan[0] == "padded":
-        _apply_padded(ys, x, lora_a, slot_ranks, offsets, plan[1], plan[2], plan[3])
-        return
-    (lo, hi, keep, coef, all_touched, touched), bt = plan
+class _DensePlan:
+    """One target's dense-strategy call for one routing, with every view and mask it needs prepared (cached by
+    :func:`_dense_plan` while the routing and the buffers are unchanged): :meth:`run` is a few BLAS calls.
+
+    * ``padded`` (tokens spread over the slots): ``v = bmm(x per slot (span, m, H), A_span^T)``, then per slice
+      ``bmm(v_s, B^T_s)`` scattered onto the tokens; when slot ``lo + i`` serves exactly token ``i`` (decode, one
+      user per row in slot order) x is not gathered and each slice is one in-place ``baddbmm_`` into its output.
+    * ``mm`` (few slots, many tokens): ``v = x @ A_span^T`` over all the span's slots, times the per-token
+      coefficients (0 for the token's other slots and beyond a slot's rank), then one ``addmm_`` per slice.
+    """
+
+    __slots__ = ("kind", "offsets", "T", "span", "m", "H", "S", "R", "at", "bs", "coef", "mask", "idx", "pos", "tok",
+                 "full", "ident", "all_touched", "touched")
+
+    def split(self, y: torch.Tensor) -> list:
+        o = self.offsets
+        return [y[:, o[s] : o[s + 1]] for s in range(self.S)] if self.S > 1 else [y]
+
+    def run(self, ys, x: torch.Tensor) -> None:
+        R = self.R
+        if self.kind == "padded":
+            if self.ident:
+                xs = x.view(self.span, 1, self.H) if x.is_contiguous() else x.reshape(self.span, 1, self.H)
+            else:
+                xs = x.index_select(0, self.idx).view(self.span, self.m, self.H)
+            v = torch.bmm(xs, self.at)  # (span, m, S*R)
+            if self.coef is not None:
+                v.mul_(self.coef)
+            if self.mask is not None:
+                v.masked_fill_(self.mask, 0)
+            for s, out in enumerate(ys):
+                vs = v[:, :, s * R : (s + 1) * R] if self.S > 1 else v
+                if self.ident and out.dtype == v.dtype:
+                    out.unsqueeze(1).baddbmm_(vs, self.bs[s])
+                    continue
+                d = torch.bmm(vs, self.bs[s]).view(self.span * self.m, -1)  # (span * m, N_s)
+                if not self.full:
+                    d = d.index_select(0, self.pos)
+                out.index_put_((self.tok,), d if d.dtype == out.dtype else d.to(out.dtype), accumulate=True)
+            return
+        T, span, S = self.T, self.span, self.S
+        v = torch.mm(x, self.at).view(T, span, S, R)
+        v.mul_(self.coef)  # (T, span, S, R): this token's slots, within their ranks; zero elsewhere ...
+        if self.mask is not None:  # ... unless padding or an unused slot holds inf / NaN (0 * inf = NaN): cut it
+            v.masked_fill_(self.mask, 0)
+        v = v.permute(2, 0, 1, 3).reshape(S, T, span * R) if S > 1 else v.view(1, T, span * R)
+        for s, out in enumerate(ys):
+            if self.all_touched and out.dtype == v.dtype:
+                out.addmm_(v[s], self.bs[s])
+            else:  # rows without an adapter keep their bits (adding 0 would turn -0.0 into +0.0)
+                d = torch.mm(v[s], self.bs[s])
+                out.copy_(torch.where(self.touched, out + d.to(out.dtype), out))
+
+
+def _build_plan(routing, lora_a, bts, slot_ranks, offsets, T, acc) -> _DensePlan:
+    lo, hi, _used, hit_, w, all_touched, touched, padded = routing
     L, S, R, H = lora_a.shape
-    T = x.shape[0]
     span = hi - lo
-    a = lora_a[lo:hi].reshape(span * S * R, H)
-    v = torch.mm(x, a.t()).view(T, span, S, R)
-    v.mul_(coef)  # (T, span, S, R): this token's slots, within their ranks; zero elsewhere ...
-    if not _all_finite(lora_a):  # ... unless padding or an unused slot holds inf / NaN (0 * inf = NaN): cut it
-        v.masked_fill_(~keep, 0)
-    if S > 1:
-        v = v.permute(2, 0, 1, 3).reshape(S, T, span * R)
-    else:
-        v = v.view(1, T, span * R)
-    rows = bt[lo * R : hi * R]
-    for s, out in enumerate(ys):
-        b = rows[:, offsets[s] : offsets[s + 1]]
-        if all_touched and out.dtype == v.dtype:
-            out.addmm_(v[s], b)
-        else:  # rows without an adapter keep their bits (adding 0 would turn -0.0 into +0.0)
-            d = torch.mm(v[s], b)
-            out.copy_(torch.where(touched, out + d.to(out.dtype), out))
+    p = _DensePlan()
+    p.offsets, p.T, p.span, p.H, p.S, p.R = offsets, T, span, H, S, R
+    finite = _all_finite(lora_a)
+    a_span = lora_a[lo:hi]
+    if T > 2 * padded[0] and T > 1:  # tokens spread over the slots: the batched form skips the others' products
+        m, idx, pw, pos, tok, full, unit, ident = padded
+        p.kind, p.m, p.idx, p.pos, p.tok, p.full, p.ident = "padded", m, idx.view(-1), pos, tok, full, ident
+        p.at = a_span.reshape(span, S * R, H).transpose(1, 2)
+        p.bs = tuple(b[lo:hi] for b in bts)  # (span, R, N_s) each, contiguous
+        p.coef = None if unit else pw[:, :, None]  # routing weights (padding rows: 0, dropped anyway)
+        p.mask = None
+        if not finite:  # 0 * inf: cut entries beyond each slot's rank (and padding rows)
+            r = torch.arange(R, device=pw.device)
+            keep = (pw[:, :, None] != 0) & (r[None, None, :] < slot_ranks[lo:hi, None, None].to(pw.device))
+            p.mask = ~keep.repeat(1, 1, S)
+        return p
+    in_rank = torch.arange(R, device=w.device)[None, :] < slot_ranks[lo:hi, None].to(w.device)  # (span, R)
+    keep = (hit_[:, :, None] & in_rank[None]).unsqueeze(2)  # (T, span, 1, R)
+    p.kind, p.all_touched, p.touched = "mm", all_touched, touched
+    p.at = a_span.reshape(span * S * R, H).t()
+    p.bs = tuple(b.view(L * R, -1)[lo * R : hi * R] for b in bts)  # (span*R, N_s) each
+    p.coef = torch.where(keep, w[:, :, None, None], 0)
+    p.mask = None if finite else ~keep
+    return p
+
+
+_PLAN_CACHE: dict = {}
+
+
+def _dense_plan(x, lora_a, lora_b, slot_ranks, slot_scales, token_slots, token_weights, slice_sizes, force=False):
+    """The cached :class:`_DensePlan` of this call, or ``None`` when the dense strategy cannot serve it (dtype not
+    fp32 / fp64, buffers without a version counter, a used slot with a non-finite value) or, unless ``force``,
+    would be slow for it (too many tokens times slots, or a sparse slot span)."""
+    if x.dtype not in (torch.float32, torch.float64) or lora_a.dtype != x.dtype or lora_b.dtype != x.dtype:
+        return None
+    if not lora_a.is_contiguous() or lora_a.is_inference() or slot_ranks.is_inference() or \
+            slot_scales.is_inference() or lora_b.is_inference():
+        return None
+    L = lora_a.shape[0]
+    T = token_slots.shape[0]
+    acc = x.dtype
+    routing = memo(token_slots, ("dense", L, acc), lambda ts, tw: _dense_routing(ts, tw, L, acc), token_weights)
+    if routing is None:
+        return None
+    sizes = tuple(slice_sizes)
+    key = (id(routing), id(lora_a), id(lora_b), id(slot_ranks), id(slot_scales), sizes, force)
+    stamp = (lora_a.data_ptr(), lora_a._version, lora_b.data_ptr(), lora_b._version, slot_ranks.data_ptr(),
+             slot_ranks._version, slot_scales.data_ptr(), slot_scales._version)
+    hit = _PLAN_CACHE.get(key)
+    if hit is not None and hit[0] is routing and hit[1] == stamp and hit[2]() is lora_a and hit[3]() is lora_b:
+        return hit[4]
+    plan = _new_plan(routing, lora_a, lora_b, slot_ranks, slot_scales, sizes, T, acc, force)
+    with _BT_LOCK:
+        if len(_PLAN_CACHE) > 1024:
+            _PLAN_CACHE.clear()
+        _PLAN_CACHE[key] = (routing, stamp, weakref.ref(lora_a), weakref.ref(lora_b), plan)
+    return plan
+
+
+def _new_plan(routing, lora_a, lora_b, slot_ranks, slot_scales, sizes, T, acc, force):
+    lo, hi, used = routing[0], routing[1], routing[2]
+    span = hi - lo
+    if not force and (T * span > DENSE_MAX_WORK or span > DENSE_MAX_SPAN_PER_SLOT * len(used)):
+        return None
+    offsets = tuple(slice_offsets(sizes))
+    cached = _bt_cached(lora_b, slot_ranks, slot_scales, offsets)
+    if cached is None:
+        return None
+    bts, bad = cached
+    if bad and any(s in bad for s in used):
+        return None
+    with torch.inference_mode(False), torch.no_grad():
+        return _build_plan(routing, lora_a, bts, slot_ranks, offsets, T, acc)
 
 
 def _apply_gathered(y, x, lora_a, lora_b, slot_ranks, slot_scales, token_slots, token_weights, offsets, acc):

@@ -272,8 +272,8 @@ def test_auto_takes_the_dense_strategy_for_decode(monkeypatch):
     from pllm_kernels.torch_ops import lora as tl
 
     taken = []
-    real = tl._apply_dense
-    monkeypatch.setattr(tl, "_apply_dense", lambda *a, **k: taken.append(1) or real(*a, **k))
+    real = tl._DensePlan.run
+    monkeypatch.setattr(tl._DensePlan, "run", lambda self, *a: taken.append(1) or real(self, *a))
     c = make_case(T=8, h_in=64, slice_sizes=(16, 8), ranks=(8, 4, 8, 2), max_rank=8, none_frac=0.0, seed=3)
     ops.lora_apply(c.y, c.x, c.lora_a, c.lora_b, c.slot_ranks, c.slot_scales, c.meta, c.slice_sizes)
     assert taken == [1]
@@ -291,6 +291,7 @@ def test_dense_sees_slot_reloads():
                    strategy="dense")
     c.lora_b[0].normal_()
     c.slot_ranks[1] = 2
+    c.slot_scales[0] *= 3  # the cached B^T carries the scales
     c.y.copy_(y0)
     ops.lora_apply(c.y, c.x, c.lora_a, c.lora_b, c.slot_ranks, c.slot_scales, c.meta, c.slice_sizes,
                    strategy="dense")
@@ -312,8 +313,8 @@ def test_dense_strategy_both_forms(form, K, monkeypatch):
     from pllm_kernels.torch_ops import lora as tl
 
     taken = []
-    real_padded = tl._apply_padded
-    monkeypatch.setattr(tl, "_apply_padded", lambda *a, **k: taken.append("padded") or real_padded(*a, **k))
+    real = tl._DensePlan.run
+    monkeypatch.setattr(tl._DensePlan, "run", lambda self, *a: taken.append(self.kind) or real(self, *a))
     T = 12
     if form == "padded":  # one user per token (distinct slots 0..5, each twice), slot 6 unused inside the span
         slots = torch.tensor([[t % 6] + ([(t + 3) % 6] if K == 2 else []) for t in range(T)])
@@ -342,4 +343,44 @@ def test_dense_strategy_both_forms(form, K, monkeypatch):
     assert_close(y, expected, torch.float32)
     untouched = (c.token_slots < 0).all(dim=1)
     assert_bitwise_equal(y[untouched], y0[untouched])
-    assert taken == (["padded"] if form == "padded" else [])
+    assert taken == [form]
+
+
+@pytest.mark.parametrize("unit", [True, False])
+@pytest.mark.parametrize("sliced", [True, False])
+@pytest.mark.parametrize("x_noncontig", [False, True])
+def test_dense_one_user_per_row_in_slot_order(unit, sliced, x_noncontig, monkeypatch):
+    """Decode with slot ``i`` serving exactly row ``i`` (the dense strategy's in-place ``baddbmm_`` form): equal to
+    the reference with mixed ranks and poison beyond them, routing weights 1 (no multiply) or not, one output or
+    one per slice."""
+    from pllm_kernels.torch_ops import lora as tl
+
+    taken = []
+    real = tl._DensePlan.run
+    monkeypatch.setattr(tl._DensePlan, "run", lambda self, *a: taken.append((self.kind, self.ident)) or real(self, *a))
+    ranks = (4, 8, 2, 8, 1, 8, 3)
+    T = len(ranks)
+    c = make_case(T=T, h_in=40, slice_sizes=(16, 8, 8), ranks=ranks, max_rank=8, slots=torch.arange(T)[:, None],
+                  seed=11, x_noncontig=x_noncontig)
+    if unit:
+        c.token_weights.fill_(1.0)
+        c.meta.token_weights.fill_(1.0)
+    with torch.no_grad():
+        for s, r in enumerate(ranks):
+            c.lora_a[s, :, r:] = float("nan")
+            c.lora_b[s, :, r:] = float("inf")
+    y0 = c.y.clone()
+    clean_a, clean_b = c.lora_a.clone(), c.lora_b.clone()
+    for s, r in enumerate(ranks):
+        clean_a[s, :, r:], clean_b[s, :, r:] = 0, 0
+    expected = lora_apply_ref(y0.double(), c.x.double(), clean_a.double(), clean_b.double(), c.token_slots,
+                              c.token_weights, c.slot_ranks, c.slot_scales, c.slice_sizes)
+    for _ in range(2):  # the second call runs the cached plan
+        y = y0.clone()
+        out = [y[:, 0:16].clone(), y[:, 16:24].clone(), y[:, 24:32].clone()] if sliced else y
+        ops.lora_apply(out, c.x, c.lora_a, c.lora_b, c.slot_ranks, c.slot_scales, c.meta, c.slice_sizes,
+                       backend="torch")
+        got = torch.cat(out, 1) if sliced else y
+        assert torch.isfinite(got).all(), "poison reached a row"
+        assert_close(got, expected, torch.float32)
+    assert taken == [("padded", True)] * 2
