@@ -76,6 +76,7 @@ std::vector<std::string> pllm_lora_kernels() {
       const std::string l(ld);
       for (const char* nt : {"nt1", "nt4"}) out.push_back("lora_shrink_bgmv<" + d + "," + l + "," + nt + ">");
       out.push_back("lora_shrink_sgmv<" + d + "," + l + ",16x16,cp.async x2>");
+      if (d != "float32") out.push_back("lora_shrink_sgmv_tc<" + d + "," + l + ",16x16,mma.m16n8k16,cp.async x2>");
       out.push_back("lora_expand_sgmv<" + d + "," + l + ",16x64,cp.async x2>");
       out.push_back("lora_fused<" + d + "," + l + ">");
     }

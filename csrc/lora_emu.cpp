@@ -45,6 +45,7 @@ struct Runtime {
   std::vector<unsigned char> dsmem;
   const std::function<void()>* body = nullptr;
   std::vector<float> warp_vals;
+  std::vector<uint32_t> warp_frags;  // mma: 6 packed words (a0..a3, b0, b1) per lane
   std::string error;
 };
 
@@ -179,6 +180,55 @@ float shfl_xor(float v, int mask) {
   block_wait(kWaitWarp);  // nobody overwrites warp_vals before every lane has read
   return out;
 }
+namespace {
+float half_bits_to_float(uint32_t h, bool bf16) {
+  h &= 0xFFFFu;
+  if (bf16) {
+    const uint32_t u = h << 16;
+    float f;
+    std::memcpy(&f, &u, 4);
+    return f;
+  }
+  __half_raw raw;
+  raw.x = static_cast<unsigned short>(h);
+  return __half2float(__half(raw));
+}
+}  // namespace
+
+void mma_m16n8k16(float* d, const uint32_t* a, const uint32_t* b, bool bf16) {
+  Runtime& r = rt();
+  const int me = r.cur;
+  const int w = me / 32, lane = me % 32;
+  uint32_t* mine = &r.warp_frags[static_cast<size_t>(me) * 6];
+  for (int i = 0; i < 4; ++i) mine[i] = a[i];
+  mine[4] = b[0];
+  mine[5] = b[1];
+  block_wait(kWaitWarp);
+  const uint32_t* frags = &r.warp_frags[static_cast<size_t>(w) * 32 * 6];
+  // A[row][k]: lane 4 * (row % 8) + (k % 8) / 2, register (row >= 8) + 2 * (k >= 8), half k % 2.
+  // B[k][col]: lane 4 * col + (k % 8) / 2, register (k >= 8), half k % 2. D[row][col]: lane 4 * (row % 8) + col / 2,
+  // element 2 * (row >= 8) + col % 2.
+  auto a_at = [&](int row, int k) {
+    const uint32_t word = frags[(4 * (row % 8) + (k % 8) / 2) * 6 + (row >= 8 ? 1 : 0) + (k >= 8 ? 2 : 0)];
+    return half_bits_to_float((k % 2) ? (word >> 16) : word, bf16);
+  };
+  auto b_at = [&](int k, int col) {
+    const uint32_t word = frags[(4 * col + (k % 8) / 2) * 6 + 4 + (k >= 8 ? 1 : 0)];
+    return half_bits_to_float((k % 2) ? (word >> 16) : word, bf16);
+  };
+  const int g = lane >> 2, t = lane & 3;
+  float out[4];
+  for (int e = 0; e < 4; ++e) {
+    const int row = g + (e >= 2 ? 8 : 0);
+    const int col = 2 * t + (e & 1);
+    float acc = d[e];
+    for (int k = 0; k < 16; ++k) acc += a_at(row, k) * b_at(k, col);  // exact products (<= 22-bit mantissas)
+    out[e] = acc;
+  }
+  block_wait(kWaitWarp);  // nobody overwrites warp_frags before every lane has read
+  for (int e = 0; e < 4; ++e) d[e] = out[e];
+}
+
 void* dyn_smem() { return rt().dsmem.data(); }
 void cp_async16(void* smem_dst, const void* gmem_src, int src_bytes) {
   Runtime& r = rt();
@@ -214,6 +264,7 @@ void launch(dim3 grid, dim3 block, size_t smem_bytes, const std::function<void()
   r.dsmem.assign(smem_bytes > 0 ? smem_bytes : 16, 0xFF);
   r.body = &body;
   r.warp_vals.assign(block.x, 0.0f);
+  r.warp_frags.assign(static_cast<size_t>(block.x) * 6, 0u);
   r.error.clear();
   g_rt = &r;
   try {

@@ -31,7 +31,8 @@ PYBIND11_MODULE(_C, m) {
         "out[i] = value for i < n; ptr: float32 device pointer, stream: cudaStream_t as int (async).");
 
   // ---- batched multi-LoRA (csrc/lora.cu; semantics pllm_kernels/reference/lora.py) ------------------------------
-  m.attr("LORA_PATHS") = py::dict(py::arg("auto") = 0, py::arg("sgmv") = 1, py::arg("bgmv") = 2, py::arg("fused") = 3);
+  m.attr("LORA_PATHS") = py::dict(py::arg("auto") = 0, py::arg("sgmv") = 1, py::arg("bgmv") = 2, py::arg("fused") = 3,
+                                  py::arg("sgmv_tc") = 4);
   m.attr("LORA_OPS") = py::dict(py::arg("shrink") = 0, py::arg("expand") = 1, py::arg("apply") = 2);
   const char* shrink_doc =
       "lora_shrink(x, lora_a, slot_ranks, token_slots, sorted_pairs, seg_slot, seg_start, seg_len, out, num_tokens, "

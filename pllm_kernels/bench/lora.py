@@ -12,7 +12,8 @@ distinct (one per sequence), uniform (~sqrt(#seq) equal groups) or zipf(1.5); se
 
 Backends (``--backend``): ours: ``triton`` (the op, ``backend="triton"``, auto path), ``triton_sgmv``,
 ``triton_bgmv``, ``triton_fused`` (launcher with a forced path), ``cuda`` (the op, ``backend="cuda"``; skipped,
-with the op's own reason, while the extension has no lora kernel or cannot run here). Baselines: ``torch`` (the
+with the op's own reason, while the extension has no lora kernel or cannot run here), ``cuda_tc`` (the CUDA launcher
+with the opt-in tensor-core SGMV shrink, ``path="sgmv_tc"``; prefill sizes, fp16 / bf16). Baselines: ``torch`` (the
 op's torch backend, ``backend="torch"``, auto strategy),
 ``peft`` (PEFT's own ``lora.Linear`` mixed-batch forward, when peft imports;
 the base layer is stubbed to return y so only the LoRA part is timed; weights of input set 0), ``peft_mixed``
@@ -63,7 +64,7 @@ PREFILL_T = (2048, 4096, 8192)
 PREFILL_SEQ = 512
 DISTS = ("identical", "distinct", "uniform", "zipf")
 
-OURS = ("triton", "triton_sgmv", "triton_bgmv", "triton_fused", "cuda")
+OURS = ("triton", "triton_sgmv", "triton_bgmv", "triton_fused", "cuda", "cuda_tc")
 BASELINES = ("torch", "peft", "peft_mixed", "adapter_loop", "unfused_torch", "mm_single", "base_mm")
 ALL_BACKENDS = OURS + BASELINES
 RATIO_BASELINES = ("torch", "peft", "peft_mixed", "adapter_loop", "unfused_torch")
@@ -314,6 +315,23 @@ def make_backend(name: str, P: Problem):
         except RuntimeError as e:
             raise Skip(str(e).splitlines()[0][:200] if str(e) else "RuntimeError") from None
         return op, True
+    if name == "cuda_tc":
+        from pllm_kernels.cuda.lora import lora_apply_cuda, supports
+
+        if c.T * meta.token_slots.shape[1] <= 64:
+            raise Skip("the tensor-core SGMV shrink is a prefill path (more than 64 token-slot pairs)")
+        why = supports(P.device, P.sets[0]["x"].dtype)
+        if why is None and P.sets[0]["x"].dtype not in (torch.float16, torch.bfloat16):
+            why = "tensor cores take float16 / bfloat16"
+        if why is not None:
+            raise Skip(why)
+
+        def fn(s):
+            lora_apply_cuda(s["y"], s["x"], s["a"], s["b"], P.slot_ranks, P.slot_scales, meta.token_slots,
+                            meta.token_weights, meta.sorted_pairs, meta.seg_slot, meta.seg_start, meta.seg_len, sizes,
+                            chunk=meta.chunk, path="sgmv_tc")
+
+        return fn, True
 
     offs = _offsets(sizes)
     scales = [2.0 / r for r in P.ranks]

@@ -15,8 +15,13 @@ Kernels (Punica SGMV/BGMV, vLLM/S-LoRA routing, all fp32 accumulation, no float 
 Every path evaluates the same fixed-order fp32 arithmetic (``csrc/include/pllm/lora_tiling.h``): results are bitwise
 identical across paths and batch sizes (a token's delta is the same alone, in a batch of 64 or of 300). Rows with no
 routed slot are never written. fp16 / bf16 / fp32; 16-byte vector loads where pointers and strides allow (else scalar).
-The price of that guarantee: no tensor cores (CUDA-core FMAs everywhere), so large prefill shrinks are slower than
-the Triton SGMV kernel's ``tl.dot``; decode sizes are bandwidth-bound and unaffected.
+The price of that guarantee: no tensor cores by default (CUDA-core FMAs everywhere), so large prefill shrinks are
+slower than the Triton SGMV kernel's ``tl.dot``; decode sizes are bandwidth-bound and unaffected.
+
+Tensor cores, opt-in: ``path="sgmv_tc"`` (or ``PLLM_CUDA_TENSOR_CORES=1`` / :func:`set_tensor_cores`, which turns
+``auto``'s SGMV choice into it) runs the SGMV shrink of fp16 / bf16 on ``mma.m16n8k16`` (fp32 accumulation, the
+same routing, staging and zero-fill; expand and float32 stay on the FMA kernels). A token's result is then still
+independent of its batch among SGMV calls, but differs within rounding from the BGMV / fused (decode) kernels.
 
 This module only converts arguments: tensors become data pointers and element strides (copies are made only for
 layouts the kernels do not take: non-unit innermost strides, non-int32 routing), the current CUDA stream is passed, so
@@ -27,6 +32,7 @@ tensors through the extension's CPU emulator.
 from __future__ import annotations
 
 import functools
+import os
 from collections.abc import Sequence
 
 import torch
@@ -34,13 +40,36 @@ import torch
 from pllm_kernels import _ext
 from pllm_kernels.cuda._common import DTYPE_CODES, device_of, extension, launch
 
-__all__ = ["PATHS", "choose_path", "lora_apply_cuda", "lora_expand_cuda", "lora_shrink_cuda", "supports"]
+__all__ = ["PATHS", "choose_path", "lora_apply_cuda", "lora_expand_cuda", "lora_shrink_cuda", "set_tensor_cores",
+           "supports", "tensor_cores"]
 
-PATHS = {"auto": 0, "sgmv": 1, "bgmv": 2, "fused": 3}
+PATHS = {"auto": 0, "sgmv": 1, "bgmv": 2, "fused": 3, "sgmv_tc": 4}
 _PATH_NAMES = {v: k for k, v in PATHS.items()}
 _OPS = {"shrink": 0, "expand": 1, "apply": 2}
 _DTYPES = DTYPE_CODES
 EMU_NUM_SMS = 132  # SM count the emulator plans for (launch choices only, never results)
+_HALF = (torch.float16, torch.bfloat16)
+_TENSOR_CORES = [os.environ.get("PLLM_CUDA_TENSOR_CORES", "0").strip().lower() in ("1", "true", "yes", "on")]
+
+
+def tensor_cores() -> bool:
+    """Whether ``auto`` runs fp16 / bf16 SGMV shrinks on tensor cores (``PLLM_CUDA_TENSOR_CORES=1``, or
+    :func:`set_tensor_cores`); off by default: results then stay bitwise identical across paths and batch sizes."""
+    return _TENSOR_CORES[0]
+
+
+def set_tensor_cores(enabled: bool) -> bool:
+    """Turn the tensor-core SGMV shrink on / off for ``auto`` (process-wide); returns the previous setting."""
+    prev = _TENSOR_CORES[0]
+    _TENSOR_CORES[0] = bool(enabled)
+    return prev
+
+
+def _auto_tc(path: str, op: str, T: int, K: int, S: int, R: int, H: int, dtype: torch.dtype) -> str:
+    """``path``, or ``sgmv_tc`` where ``auto`` resolves to SGMV and tensor cores are on (fp16 / bf16)."""
+    if path != "auto" or not _TENSOR_CORES[0] or dtype not in _HALF:
+        return path
+    return "sgmv_tc" if choose_path("auto", op, T, K, S, R, H, dtype) == "sgmv" else path
 
 
 # ------------------------------------------------------------------------------------------------ capability
@@ -150,7 +179,8 @@ def lora_shrink_cuda(x, lora_a, slot_ranks, token_slots, sorted_pairs, seg_slot,
 
     x ``(T, h_in)`` any row stride; lora_a ``(L, S, R, h_in)``; slot_ranks ``(L,)``; token_slots ``(T, K)``;
     sorted_pairs ``(K*T,)``; seg_* ``(K, G)``; out ``(S, K*T, R)`` float32 contiguous, fully overwritten.
-    ``path``: auto | sgmv | bgmv (auto: BGMV for ``T*K <= 64``)."""
+    ``path``: auto | sgmv | bgmv | sgmv_tc (auto: BGMV for ``T*K <= 64``, else SGMV, on tensor cores when
+    :func:`tensor_cores` is on)."""
     device = _device_of([x, lora_a, slot_ranks, token_slots, sorted_pairs, seg_slot, seg_start, seg_len, out],
                         "shrink", _emulate)
     dtype_code = _dtype_code(x.dtype)
@@ -173,7 +203,7 @@ def lora_shrink_cuda(x, lora_a, slot_ranks, token_slots, sorted_pairs, seg_slot,
     args = [x.data_ptr(), lora_a.data_ptr(), ranks.data_ptr(), token_slots.data_ptr(), pairs.data_ptr(),
             seg_slot.data_ptr(), seg_start.data_ptr(), seg_len.data_ptr(), out.data_ptr(),
             T, H, L, S, R, K, G, int(chunk), x.stride(0), lora_a.stride(0), lora_a.stride(1), lora_a.stride(2),
-            dtype_code, _path_code(path)]
+            dtype_code, _path_code(_auto_tc(path, "shrink", T, K, S, R, H, x.dtype))]
     _run("shrink", args, device, _emulate)
 
 
@@ -247,6 +277,7 @@ def lora_apply_cuda(y, x, lora_a, lora_b, slot_ranks, slot_scales, token_slots, 
     ranks, scales, pairs = _i32(slot_ranks), _f32(slot_scales), _i32(sorted_pairs)
     seg_slot, seg_start, seg_len = _i32(seg_slot), _i32(seg_start), _i32(seg_len)
     G = seg_slot.shape[1] if seg_slot.dim() == 2 else 0
+    path = _auto_tc(path, "apply", T, K, S, R, H, x.dtype)
     resolved = _C().lora_choose_path(_path_code(path), _OPS["apply"], T, K, S, R, H, dtype_code)
     scratch = None
     if resolved != PATHS["fused"]:

@@ -48,10 +48,12 @@ def _cuda_supports(device, dtype):
 
 def _pick(table: OpTable, backend: str, device, dtype, num_pairs: int):
     """The table's choice, except that ``auto`` keeps prefill-sized calls (``num_pairs > CUDA_AUTO_MAX_PAIRS``) on
-    Triton: the CUDA kernels use no tensor cores (the price of batch-invariant results), so Triton's SGMV is faster
-    there; ``backend="cuda"`` always runs them."""
+    Triton: by default the CUDA kernels use no tensor cores (the price of batch-invariant results), so Triton's SGMV
+    is faster there, unless the CUDA tensor-core shrink is on (``PLLM_CUDA_TENSOR_CORES=1``) for fp16 / bf16;
+    ``backend="cuda"`` always runs them."""
     name, impl = table.pick(backend, device, dtype)
-    if name == "cuda" and backend == "auto" and num_pairs > CUDA_AUTO_MAX_PAIRS and table.impls["triton"] is not None:
+    if name == "cuda" and backend == "auto" and num_pairs > CUDA_AUTO_MAX_PAIRS and table.impls["triton"] is not None \
+            and not (dtype in (torch.float16, torch.bfloat16) and _cuda().tensor_cores()):
         return "triton", table.impls["triton"]
     return name, impl
 

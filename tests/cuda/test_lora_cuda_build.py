@@ -60,7 +60,10 @@ def test_extension_lists_lora_launchers():
     for dt in ("float32", "float16", "bfloat16"):
         for fam in ("lora_shrink_bgmv", "lora_shrink_sgmv", "lora_expand_bgmv", "lora_expand_sgmv", "lora_fused"):
             assert any(k.startswith(f"{fam}<{dt},") for k in kernels), (fam, dt)
-    assert dict(C.LORA_PATHS) == {"auto": 0, "sgmv": 1, "bgmv": 2, "fused": 3}
+    assert dict(C.LORA_PATHS) == {"auto": 0, "sgmv": 1, "bgmv": 2, "fused": 3, "sgmv_tc": 4}
+    for dt in ("float16", "bfloat16"):
+        assert any(k.startswith(f"lora_shrink_sgmv_tc<{dt},") for k in kernels), dt
+    assert not any(k.startswith("lora_shrink_sgmv_tc<float32,") for k in kernels)
 
 
 @dataclass
@@ -153,8 +156,11 @@ def test_resource_report_covers_every_lora_kernel_and_arch():
             assert hits, f"{fam}<{dt}> not in the resource report"
     for name, archs in lora.items():
         assert {"sm_80", "sm_90"} <= archs, f"{name}: compiled for {sorted(archs)}"
-    # 14 kernels per dtype: shrink bgmv 4, sgmv 2, expand bgmv 4, sgmv 2, fused 2 (as _C.lora_kernels() lists them)
-    assert len(lora) == 3 * 14 == len(_ext.ext().lora_kernels()), sorted(lora)
+    for dt in ("__half", "__nv_bfloat16"):
+        assert [n for n in lora if "lora_shrink_sgmv_tc_kernel" in n and f"<{dt}," in n], f"sgmv_tc<{dt}> missing"
+    # 14 kernels per dtype: shrink bgmv 4, sgmv 2, expand bgmv 4, sgmv 2, fused 2 (as _C.lora_kernels() lists them),
+    # + the tensor-core SGMV shrink (2) for fp16 and bf16
+    assert len(lora) == 3 * 14 + 2 * 2 == len(_ext.ext().lora_kernels()), sorted(lora)
 
 
 # ------------------------------------------------------------------------------------------------ host-side helpers
@@ -295,6 +301,13 @@ def test_choose_path_matches_triton_rule():
                         got = choose_path("auto", op, T, K, S, R, H, dtype)
                         assert got == want, (op, T, K, S, R, H, dtype)
     assert choose_path("sgmv", "apply", 1, 1, 1, 16, 64, torch.float16) == "sgmv"
+    # the tensor-core path: shrink / apply in fp16 / bf16; its expand (and fp32) is plain SGMV; auto never picks it
+    for dt in (torch.float16, torch.bfloat16):
+        assert choose_path("sgmv_tc", "shrink", 1, 1, 1, 16, 64, dt) == "sgmv_tc"
+        assert choose_path("sgmv_tc", "apply", 300, 2, 3, 16, 64, dt) == "sgmv_tc"
+        assert choose_path("sgmv_tc", "expand", 300, 1, 1, 16, 64, dt) == "sgmv"
+        assert choose_path("auto", "apply", 8192, 1, 3, 16, 4096, dt) == "sgmv"
+    assert choose_path("sgmv_tc", "shrink", 300, 1, 1, 16, 64, torch.float32) == "sgmv"
     with pytest.raises(RuntimeError, match="only for lora_apply"):
         choose_path("fused", "shrink", 1, 1, 1, 16, 64, torch.float16)
     # 5..8 slices: the CUDA fused kernel takes them (Triton's stops at 4)
@@ -577,6 +590,123 @@ def test_emulated_batch_invariance(dtype, K, emu_mode):
         assert choose_path("auto", "apply", hi - lo, K, 2, 16, 72, dtype) == want
         _apply(part, case.sizes, "auto")
         assert_bitwise_equal(part["y"], full["y"][lo:hi], msg=f"tokens {lo}:{hi} ({want}) vs the batch of 70")
+
+
+# ------------------------------------------------------------------------------------------------ tensor cores
+HALF = [torch.float16, torch.bfloat16]
+
+
+@needs_ext
+@pytest.mark.parametrize("dtype", HALF)
+@pytest.mark.parametrize("name", list(CASES))
+def test_emulated_tensor_core_shrink(name, dtype, emu_mode):
+    """path ``sgmv_tc`` (mma.m16n8k16, emulated with the PTX fragment layouts): every case against the float64
+    reference (odd h_in, mixed ranks in a larger buffer with garbage padding, K = 2 / 3, up to 10 slices, misaligned
+    rows -> scalar staging, rows without adapter); outputs not routed or beyond a slot's rank are exactly 0."""
+    case = CASES[name]
+    d = _build(case, dtype, _gen("shrink_tc", name, dtype))
+    ref = lora_shrink_ref(d["x"].double(), d["lora_a"].double(), d["slots"], d["ranks"])
+    out = _shrink(d, torch.randn(case.S, case.K * case.T, case.R, generator=_gen("garbage_tc", name)), "sgmv_tc")
+    assert_close(out, ref, dtype, scale=ref.abs().max().item(), msg="shrink sgmv_tc")
+    assert_bitwise_equal(out[ref == 0], torch.zeros_like(out[ref == 0]), msg="unrouted / beyond-rank outputs")
+    fma = _shrink(d, torch.empty_like(out), "sgmv")
+    assert_close(out, fma, dtype, scale=ref.abs().max().item(), msg="sgmv_tc vs sgmv")
+
+
+@needs_ext
+@pytest.mark.parametrize("dtype", HALF)
+@pytest.mark.parametrize("name", ["qkv_k2", "odd111_mixed", "misaligned", "long_segments", "ten_slices_k3"])
+def test_emulated_tensor_core_apply(name, dtype):
+    """``lora_apply(path="sgmv_tc")``: tensor-core shrink + SGMV expand against the reference; rows without adapter
+    and columns outside y bit for bit untouched."""
+    case = CASES[name]
+    d = _build(case, dtype, _gen("apply_tc", name, dtype))
+    y_full0 = d["y_full"].clone()
+    ref = _ref_apply(d, case.sizes)
+    _apply(d, case.sizes, "sgmv_tc")
+    _check_y(d, y_full0, ref, dtype, case)
+
+
+@needs_ext
+@pytest.mark.parametrize("dtype", HALF)
+def test_emulated_tensor_core_batch_invariant_and_load_variants(dtype):
+    """sgmv_tc results of a token do not depend on the other tokens of its batch (rows of an mma never mix; the warp
+    partials are summed in warp order), and 16-byte (cp.async) vs scalar staging give the same bits."""
+    case = CASES["long_segments"]
+    d = _build(case, dtype, _gen("tc_inv", dtype))
+    full = _shrink(d, torch.empty(case.S, case.K * case.T, case.R), "sgmv_tc")
+    lo, hi = 17, 52
+    sub = dict(d)
+    sub["x"] = d["x"][lo:hi]
+    sub["slots"] = d["slots"][lo:hi]
+    sub["meta"] = build_lora_meta(d["slots"][lo:hi], case.L, d["weights"][lo:hi], chunk=case.chunk)
+    part = _shrink(sub, torch.empty(case.S, case.K * (hi - lo), case.R), "sgmv_tc")
+    T, n = case.T, hi - lo
+    for k in range(case.K):
+        assert_bitwise_equal(part[:, k * n : (k + 1) * n], full[:, k * T + lo : k * T + hi], msg=f"tokens {lo}:{hi}")
+    mis = dict(d)
+    mis["x"], mis["lora_a"] = _offset_copy(d["x"]), _offset_copy(d["lora_a"])
+    scalar = _shrink(mis, torch.empty_like(full), "sgmv_tc")
+    assert_bitwise_equal(scalar, full, msg="scalar vs 16-byte staging")
+
+
+@needs_ext
+def test_tensor_core_switch_routes_auto():
+    """``set_tensor_cores(True)`` (= ``PLLM_CUDA_TENSOR_CORES=1``): ``auto`` runs prefill-sized fp16 / bf16 shrinks
+    and applies on the tensor-core kernel (the bits of ``path="sgmv_tc"``), decode sizes stay on BGMV / fused, and
+    the op layer's ``auto`` stops sending prefill-sized calls to Triton for them; off again, everything is as before."""
+    from pllm_kernels.cuda import lora as cu
+    from pllm_kernels.ops import lora as ops_lora
+
+    case = CASES["long_segments"]  # T*K = 180 pairs: SGMV
+    d = _build(case, torch.bfloat16, _gen("tc_switch"))
+    tc = _shrink(d, torch.empty(case.S, case.K * case.T, case.R), "sgmv_tc")
+    fma = _shrink(d, torch.empty_like(tc), "sgmv")
+    prev = cu.set_tensor_cores(True)
+    try:
+        assert cu.tensor_cores()
+        assert_bitwise_equal(_shrink(d, torch.empty_like(tc), "auto"), tc, msg="auto with tensor cores")
+        small = CASES["decode"]
+        ds = _build(small, torch.bfloat16, _gen("tc_switch_small"))
+        auto_small = _shrink(ds, torch.empty(small.S, small.K * small.T, small.R), "auto")
+        assert_bitwise_equal(auto_small, _shrink(ds, torch.empty_like(auto_small), "bgmv"), msg="decode stays BGMV")
+        y_auto = dict(d, y=d["y"].clone())
+        _apply(y_auto, case.sizes, "auto")
+        y_tc = dict(d, y=d["y"].clone())
+        _apply(y_tc, case.sizes, "sgmv_tc")
+        assert_bitwise_equal(y_auto["y"], y_tc["y"], msg="apply auto with tensor cores")
+        assert ops_lora.CUDA_AUTO_MAX_PAIRS < case.T * case.K
+    finally:
+        cu.set_tensor_cores(prev)
+    assert_bitwise_equal(_shrink(d, torch.empty_like(tc), "auto"), fma, msg="auto without tensor cores")
+
+
+def test_op_auto_keeps_prefill_on_triton_unless_tensor_cores(monkeypatch):
+    from pllm_kernels.cuda import lora as cu
+    from pllm_kernels.ops import lora as ops_lora
+
+    table = ops_lora._APPLY
+    monkeypatch.setattr(table, "pick", lambda backend, device, dtype: ("cuda", table.impls["cuda"]))
+    big = ops_lora.CUDA_AUTO_MAX_PAIRS + 1
+    for on in (False, True):
+        prev = cu.set_tensor_cores(on)
+        try:
+            for dtype in (torch.float16, torch.bfloat16, torch.float32):
+                name, _ = ops_lora._pick(table, "auto", torch.device("cuda"), dtype, big)
+                assert name == ("cuda" if on and dtype != torch.float32 else "triton"), (on, dtype)
+                assert ops_lora._pick(table, "auto", torch.device("cuda"), dtype, 8)[0] == "cuda"
+                assert ops_lora._pick(table, "cuda", torch.device("cuda"), dtype, big)[0] == "cuda"
+        finally:
+            cu.set_tensor_cores(prev)
+
+
+@needs_ext
+def test_emulated_tensor_core_path_float32_is_sgmv():
+    case = CASES["qkv_k2"]
+    d = _build(case, torch.float32, _gen("tc_f32"))
+    a = _shrink(d, torch.empty(case.S, case.K * case.T, case.R), "sgmv_tc")
+    b = _shrink(d, torch.empty_like(a), "sgmv")
+    assert_bitwise_equal(a, b, msg="float32: sgmv_tc falls back to the FMA SGMV kernel")
 
 
 @needs_ext

@@ -16,6 +16,7 @@
 #include <cuda_runtime.h>  // dim3 (host-usable)
 
 #include <cstddef>
+#include <cstdint>
 #include <functional>
 
 namespace pllm {
@@ -31,6 +32,11 @@ void* dyn_smem();
 void cp_async16(void* smem_dst, const void* gmem_src, int src_bytes);
 void cp_async_commit();
 void cp_async_wait(int n);
+// Warp-collective mma.m16n8k16 (row.col, f16 / bf16 inputs, f32 accumulate): d += A * B with the PTX fragment layouts
+// (a: 4 packed pairs, b: 2 packed pairs, d: 4 floats per lane); a warp barrier like a shuffle (all 32 lanes). The
+// products are exact in fp32 and summed in k order: the device's accumulation order is not specified, so results
+// agree with the device within rounding, not bit for bit.
+void mma_m16n8k16(float* d, const uint32_t* a, const uint32_t* b, bool bf16);
 
 // Run `body` for every thread of every block of `grid` x `block`, with `smem_bytes` of dynamic shared memory.
 // Throws std::runtime_error on emulation errors (deadlock, bad block size).

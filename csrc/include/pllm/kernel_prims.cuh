@@ -10,6 +10,7 @@
 
 #include <cmath>
 #include <cstring>
+#include <type_traits>
 
 #if defined(PLLM_EMULATE)
 #include "pllm/emu_runtime.h"
@@ -115,6 +116,35 @@ PLLM_DEV void cp_async_wait() {
   emu_rt::cp_async_wait(N);
 #elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+#endif
+}
+
+// ---- tensor cores (sm_80+): d += A * B, mma.sync.aligned.m16n8k16.row.col.f32.{bf16,f16}.f32 -------------------
+// Fragments as in the PTX ISA ("Matrix Fragments for mma.m16n8k16 with floating point type"), g = lane / 4,
+// t = lane % 4: a[0] = A[g][2t..2t+1], a[1] = A[g+8][2t..], a[2] = A[g][2t+8..], a[3] = A[g+8][2t+8..] (two elements
+// per 32-bit word, the lower index in the low half); b[0] = B[2t..2t+1][g], b[1] = B[2t+8..2t+9][g];
+// d[0..1] = D[g][2t..2t+1], d[2..3] = D[g+8][2t..2t+1]. Warp-collective: all 32 lanes, converged.
+template <typename T>
+PLLM_DEV void mma_m16n8k16(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+  static_assert(sizeof(T) == 2, "tensor-core mma takes float16 / bfloat16 inputs");
+#if defined(PLLM_EMULATE)
+  emu_rt::mma_m16n8k16(d, a, b, std::is_same<T, __nv_bfloat16>::value);
+#elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  if constexpr (std::is_same<T, __nv_bfloat16>::value) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+  } else {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+  }
+#elif defined(__CUDA_ARCH__)
+  __trap();  // built for an architecture without mma.m16n8k16: the launcher never selects the tensor-core path there
 #endif
 }
 

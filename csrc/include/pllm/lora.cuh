@@ -9,10 +9,11 @@
 // Routing: slot -1 or >= L = no adapter (never read, never written); ranks clamped to [0, R]; only the first `rank`
 // rows of A and columns of B are read (a rank-8 slot of an R = 64 buffer does 1/8 of the work).
 //
-// No tensor cores (yet): an mma accumulates its k products in a hardware-defined order, so an SGMV kernel on tensor
-// cores could not give the bits of the BGMV / fused (M = 1, CUDA-core) kernels, and a token's result would change when
-// the batch crosses the BGMV / SGMV threshold. Decode (bandwidth-bound) loses nothing; prefill shrink runs on fp32
-// FMAs from shared memory (about 1 FMA per shared-memory byte), slower than a tensor-core SGMV for large T.
+// Tensor cores: only in the opt-in SGMV shrink of path kPathSgmvTc (fp16 / bf16; lora_shrink_sgmv_tc_kernel). An mma
+// accumulates its k products in a hardware-defined order, so that kernel cannot give the bits of the BGMV / fused
+// (CUDA-core) kernels: with it a token's result changes (within rounding) when the batch crosses the BGMV / SGMV
+// threshold, which is why `auto` never picks it. Decode (bandwidth-bound) loses nothing without them; the default prefill
+// shrink runs on fp32 FMAs from shared memory (about 1 FMA per shared-memory byte).
 #pragma once
 
 #include "pllm/kernel_prims.cuh"
@@ -336,6 +337,155 @@ PLLM_KERNEL(lora::kSgmvShrinkThreads) lora_shrink_sgmv_kernel(const ShrinkParams
     if (row_tok[m] >= 0 && n < n_used) {
       const int64_t so0 = static_cast<int64_t>(p.K) * p.T * p.R;
       p.out[lora::combined_slice(n, p.S) * so0 + static_cast<int64_t>(row_pair[m]) * p.R +
+            lora::combined_row(n, p.S)] = total;
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// SGMV shrink on tensor cores (opt-in path kPathSgmvTc, fp16 / bf16): the grid, block, routing and cp.async double
+// buffer of lora_shrink_sgmv_kernel (a 16-token x 16-output tile, 32 * VEC = 256 elements of h per stage), but warp w
+// multiplies k-chunk w (elements 16w .. 16w+15 of the stage) of the tile with two mma.m16n8k16 (outputs 0-7, 8-15),
+// accumulating over the stages in fp32 registers. The 16 warps' partial tiles are then summed in shared memory in warp
+// order (fixed: the result does not depend on scheduling). Rows without a routed token and outputs beyond the slot's
+// rank are zero-filled in shared memory (never read from A's padding) and never written.
+// ---------------------------------------------------------------------------------------------------------------
+template <typename T, bool VEC_OK>
+PLLM_KERNEL(lora::kSgmvShrinkThreads) lora_shrink_sgmv_tc_kernel(const ShrinkParams p) {
+  static_assert(sizeof(T) == 2, "the tensor-core shrink takes float16 / bfloat16");
+  constexpr int VEC = 16 / sizeof(T);  // 8: a 16-byte chunk holds half an mma k-chunk
+  constexpr int STEP = 32 * VEC;
+  constexpr int ROWS = lora::kSgmvRows;
+  constexpr int COLS = lora::kSgmvShrinkCols;
+  static_assert(ROWS == 16 && COLS == 16 && STEP == 16 * (lora::kSgmvShrinkThreads / 32),
+                "one mma k-chunk per warp and stage, two n-halves per tile");
+  PLLM_SMEM uint4 xs[2][ROWS][32];
+  PLLM_SMEM uint4 as[2][COLS][32];
+  PLLM_SMEM int row_tok[ROWS];
+  PLLM_SMEM int row_pair[ROWS];
+
+  const int seg = bid_x();
+  const int kc = seg / p.G;
+  const int64_t seg_idx = static_cast<int64_t>(kc) * p.G + (seg - kc * p.G);
+  const int slot = p.seg_slot[seg_idx];
+  if (!lora::slot_valid(slot, p.L)) return;
+  const int rank = lora::clamp_rank(p.ranks[slot], p.R);
+  const int n_used = rank * p.S;
+  const int n0 = bid_y() * COLS;
+  if (n0 >= n_used) return;
+  const int m0 = bid_z() * ROWS;
+  const int start = p.seg_start[seg_idx];
+  const int len = p.seg_len[seg_idx] < p.chunk ? p.seg_len[seg_idx] : p.chunk;
+  if (m0 >= len) return;
+
+  if (tid() < ROWS) {
+    const int m = m0 + tid();
+    const int64_t pos = static_cast<int64_t>(start) + m;
+    int64_t tok = -1, pr = -1;
+    if (m < len && pos >= static_cast<int64_t>(kc) * p.T && pos < static_cast<int64_t>(kc + 1) * p.T) {
+      pr = p.pairs[pos];
+      tok = lora::sgmv_row_token(m, len, p.chunk, pos, pr, kc, p.T);
+    }
+    row_tok[tid()] = static_cast<int>(tok);
+    row_pair[tid()] = tok >= 0 ? static_cast<int>(pr) : -1;
+  }
+  sync_block();
+
+  const T* x = static_cast<const T*>(p.x);
+  const T* a = static_cast<const T*>(p.a);
+  const int nsteps = static_cast<int>(lora::shrink_num_steps(p.H, VEC));
+
+  auto load_stage = [&](int stage, int j) {
+    for (int idx = tid(); idx < (ROWS + COLS) * 32; idx += nthreads()) {
+      const int r = idx >> 5;
+      const int c = idx & 31;
+      const int64_t h0 = static_cast<int64_t>(j) * STEP + static_cast<int64_t>(c) * VEC;
+      const T* src = x;
+      bool ok;
+      uint4* dst;
+      if (r < ROWS) {
+        const int tok = row_tok[r];
+        ok = tok >= 0;
+        if (ok) src = x + static_cast<int64_t>(tok) * p.sxt + h0;
+        dst = &xs[stage][r][c];
+      } else {
+        const int n = n0 + (r - ROWS);
+        ok = n < n_used;
+        if (ok) {
+          src = a + static_cast<int64_t>(slot) * p.sa0 + lora::combined_slice(n, p.S) * p.sa1 +
+                lora::combined_row(n, p.S) * p.sa2 + h0;
+        } else {
+          src = a;
+        }
+        dst = &as[stage][r - ROWS][c];
+      }
+      if (VEC_OK) {
+        const bool in = ok && h0 < p.H;
+        cp_async16(dst, in ? static_cast<const void*>(src) : static_cast<const void*>(a), in ? 16 : 0);
+      } else {
+        T e[VEC];
+#pragma unroll
+        for (int q = 0; q < VEC; ++q) e[q] = (ok && h0 + q < p.H) ? src[q] : from_float<T>(0.0f);
+        std::memcpy(dst, e, 16);
+      }
+    }
+  };
+
+  const int w = warp_id();
+  const int lane = lane_id();
+  const int g = lane >> 2;
+  const int t = lane & 3;
+  float acc[2][4];
+#pragma unroll
+  for (int h = 0; h < 2; ++h)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) acc[h][e] = 0.0f;
+
+  load_stage(0, 0);
+  cp_async_commit();
+  for (int j = 0; j < nsteps; ++j) {
+    if (j + 1 < nsteps) load_stage((j + 1) & 1, j + 1);
+    cp_async_commit();
+    cp_async_wait<1>();
+    sync_block();
+    const int st = j & 1;
+    // k-chunk w of the stage = 16-byte chunks 2w (k 0-7) and 2w+1 (k 8-15) of every row; word t of a chunk holds
+    // k = 2t, 2t+1 of it.
+    uint32_t af[4], bf[2];
+    std::memcpy(&af[0], reinterpret_cast<const unsigned char*>(&xs[st][g][2 * w]) + 4 * t, 4);
+    std::memcpy(&af[1], reinterpret_cast<const unsigned char*>(&xs[st][g + 8][2 * w]) + 4 * t, 4);
+    std::memcpy(&af[2], reinterpret_cast<const unsigned char*>(&xs[st][g][2 * w + 1]) + 4 * t, 4);
+    std::memcpy(&af[3], reinterpret_cast<const unsigned char*>(&xs[st][g + 8][2 * w + 1]) + 4 * t, 4);
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      std::memcpy(&bf[0], reinterpret_cast<const unsigned char*>(&as[st][8 * h + g][2 * w]) + 4 * t, 4);
+      std::memcpy(&bf[1], reinterpret_cast<const unsigned char*>(&as[st][8 * h + g][2 * w + 1]) + 4 * t, 4);
+      mma_m16n8k16<T>(acc[h], af, bf);
+    }
+    sync_block();  // stage j & 1 is refilled by the next iteration
+  }
+  // Sum of the 16 warps' tiles, in warp order, through the (now idle) x stages: red[w][row][col].
+  float* red = reinterpret_cast<float*>(&xs[0][0][0]);
+  static_assert(sizeof(xs) >= sizeof(float) * (lora::kSgmvShrinkThreads / 32) * ROWS * COLS, "reduction buffer");
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int row = g + (e >= 2 ? 8 : 0);
+      const int col = 8 * h + 2 * t + (e & 1);
+      red[(w * ROWS + row) * COLS + col] = acc[h][e];
+    }
+  }
+  sync_block();
+  if (tid() < ROWS * COLS) {
+    const int row = tid() / COLS;
+    const int col = tid() % COLS;
+    const int n = n0 + col;
+    if (row_tok[row] >= 0 && n < n_used) {
+      float total = red[row * COLS + col];
+      for (int q = 1; q < lora::kSgmvShrinkThreads / 32; ++q) total += red[(q * ROWS + row) * COLS + col];
+      const int64_t so0 = static_cast<int64_t>(p.K) * p.T * p.R;
+      p.out[lora::combined_slice(n, p.S) * so0 + static_cast<int64_t>(row_pair[row]) * p.R +
             lora::combined_row(n, p.S)] = total;
     }
   }

@@ -84,6 +84,7 @@ inline const char* path_name(int path) {
     case lora::kPathSgmv: return "sgmv";
     case lora::kPathBgmv: return "bgmv";
     case lora::kPathFused: return "fused";
+    case lora::kPathSgmvTc: return "sgmv_tc";
     default: return "?";
   }
 }
@@ -104,7 +105,8 @@ inline void check_dims(int64_t T, int64_t L, int64_t S, int64_t R, int64_t K) {
 }
 
 inline int resolve_path(int path, int op, int64_t T, int64_t K, int64_t S, int64_t R, int64_t H, int esize) {
-  PLLM_CHECK(path >= lora::kPathAuto && path <= lora::kPathFused, "path code must be 0..3 (auto, sgmv, bgmv, fused), got " << path);
+  PLLM_CHECK(path >= lora::kPathAuto && path <= lora::kPathSgmvTc,
+             "path code must be 0..4 (auto, sgmv, bgmv, fused, sgmv_tc), got " << path);
   const int r = lora::choose_path(path, op, T * K, S, R, H, esize, K);
   PLLM_CHECK(r >= 0, "path 'fused' exists only for lora_apply");
   return r;
@@ -143,7 +145,7 @@ inline void shrink_launch(const ShrinkParams& p, int dtype, int path, const Laun
   check_ptr(p.ranks, "slot_ranks", 4);
   check_ptr(p.slots, "token_slots", 4);
   const int rp = resolve_path(path, lora::kOpShrink, p.T, p.K, p.S, p.R, p.H, esize);
-  if (rp == lora::kPathSgmv) {
+  if (rp == lora::kPathSgmv || rp == lora::kPathSgmvTc) {
     check_ptr(p.pairs, "sorted_pairs", 4);
     check_ptr(p.seg_slot, "seg_slot", 4);
     check_ptr(p.seg_start, "seg_start", 4);
@@ -402,6 +404,13 @@ void shrink_typed(const ShrinkParams& p, int path, const LaunchEnv& env) {
                     static_cast<unsigned>(lora::cdiv(p.chunk, lora::kSgmvRows)));
     PLLM_CHECK(grid.y <= 65535 && grid.z <= 65535, "lora_shrink: R*S or chunk too large");
     const dim3 block(lora::kSgmvShrinkThreads);
+    if constexpr (sizeof(T) == 2) {
+      if (path == lora::kPathSgmvTc) {
+        if (vec_ok) launch_kernel(lora_shrink_sgmv_tc_kernel<T, true>, grid, block, 0, env, p);
+        else launch_kernel(lora_shrink_sgmv_tc_kernel<T, false>, grid, block, 0, env, p);
+        return;
+      }
+    }
     if (vec_ok) launch_kernel(lora_shrink_sgmv_kernel<T, true>, grid, block, 0, env, p);
     else launch_kernel(lora_shrink_sgmv_kernel<T, false>, grid, block, 0, env, p);
   }

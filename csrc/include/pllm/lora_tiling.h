@@ -52,7 +52,9 @@ constexpr int kExpandRankChunk = 32;      // SGMV expand: rank elements per pipe
 constexpr int kExpandBgmvThreads = 128;   // BGMV expand: y columns per block (one per thread)
 constexpr int kFusedThreads = 256;        // fused: threads per block = y columns per tile
 
-enum Path : int { kPathAuto = 0, kPathSgmv = 1, kPathBgmv = 2, kPathFused = 3 };
+// kPathSgmvTc: SGMV with the tensor-core shrink (fp16 / bf16; opt-in, never chosen by auto: see lora.cuh); its
+// expand is the SGMV expand, and for float32 it is plain SGMV.
+enum Path : int { kPathAuto = 0, kPathSgmv = 1, kPathBgmv = 2, kPathFused = 3, kPathSgmvTc = 4 };
 enum Op : int { kOpShrink = 0, kOpExpand = 1, kOpApply = 2 };
 
 PLLM_HD int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
@@ -149,6 +151,7 @@ PLLM_HD int64_t fused_smem(int64_t K, int64_t S, int64_t R, int64_t H, int vec) 
 // for an invalid request (fused asked for shrink / expand).
 PLLM_HD int choose_path(int path, int op, int64_t pairs, int64_t S, int64_t R, int64_t H, int elem_bytes, int64_t K) {
   if (path == kPathFused && op != kOpApply) return -1;
+  if (path == kPathSgmvTc) return (elem_bytes == 2 && op != kOpExpand) ? kPathSgmvTc : kPathSgmv;
   if (path != kPathAuto) return path;
   if (op == kOpApply && pairs <= kFusedMaxPairs && R * S <= kFusedMaxSR && S <= kMaxSlicesPerLaunch &&
       R * S * H * elem_bytes <= kFusedMaxABytes && fused_smem(K, S, R, H, vec_elems(elem_bytes)) <= kMaxSmemBytes) {
