@@ -841,3 +841,42 @@ def test_backend_table_auto_falls_back_without_device():
                 table.pick("cuda", torch.device("cuda"), torch.float16)
     finally:
         TABLES.pop(name, None)
+
+
+def _cuobjdump():
+    try:
+        import triton
+
+        bundled = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+        if bundled.exists():
+            return str(bundled)
+    except Exception:
+        pass
+    return shutil.which("cuobjdump")
+
+
+@needs_ext
+def test_sass_tensor_cores_only_in_the_tensor_core_kernels():
+    """The built extension's SASS: every tensor-core SGMV shrink (fp16 / bf16, 16-byte and scalar staging, sm_80 and
+    sm_90) issues HMMA.16816 with f32 accumulation; no other LoRA kernel uses tensor cores (the default kernels'
+    bitwise batch invariance rests on that)."""
+    tool = _cuobjdump()
+    if tool is None:
+        pytest.skip("cuobjdump not found")
+    so = Path(_ext.ext().__file__)
+    sass = subprocess.run([tool, "-sass", str(so)], capture_output=True, text=True, check=True).stdout
+    funcs = re.split(r"\n\s*Function : ", sass)[1:]
+    tc, other = {}, []
+    for body in funcs:
+        name = body.split("\n", 1)[0].strip()
+        if "lora" not in name:
+            continue
+        hmma = [ln for ln in body.splitlines() if "HMMA" in ln]
+        if "lora_shrink_sgmv_tc_kernel" in name:
+            tc[name] = tc.get(name, 0) + 1
+            assert hmma and all("HMMA.16816.F32" in ln for ln in hmma), f"{name}: {hmma[:2]}"
+        else:
+            other.append(name)
+            assert not hmma, f"{name} uses tensor cores: {hmma[:2]}"
+    assert len(tc) == 4 and all(n == 2 for n in tc.values()), tc  # 4 variants, each for sm_80 and sm_90
+    assert other
