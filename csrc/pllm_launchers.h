@@ -173,9 +173,17 @@ void pllm_sample_tokens_emu(uintptr_t tokens, uintptr_t logprobs, uintptr_t scor
 void pllm_reward_guided(uintptr_t out, uintptr_t logits, uintptr_t reward, uintptr_t beta, uintptr_t top_k,
                         int64_t batch, int64_t vocab, int64_t logits_stride, int64_t reward_stride, int64_t out_stride,
                         int dtype, uintptr_t stream);
+// The guidance step of fused_sample: float32 logits (the values), candidates = the first top_k tokens of `cand`'s rows
+// (dtype `cand_dtype`, stride `cand_stride`).
+void pllm_reward_guided_cand(uintptr_t out, uintptr_t logits, uintptr_t cand, uintptr_t reward, uintptr_t beta,
+                             uintptr_t top_k, int64_t batch, int64_t vocab, int64_t logits_stride, int64_t cand_stride,
+                             int64_t reward_stride, int64_t out_stride, int cand_dtype, uintptr_t stream);
 std::vector<std::string> pllm_reward_kernels();
 std::vector<std::pair<std::string, int64_t>> pllm_reward_constants();
 // reward_emu.cpp: the same kernel on the CPU emulator (host pointers, no stream; tests only).
+void pllm_reward_guided_cand_emu(uintptr_t out, uintptr_t logits, uintptr_t cand, uintptr_t reward, uintptr_t beta,
+                                 uintptr_t top_k, int64_t batch, int64_t vocab, int64_t logits_stride,
+                                 int64_t cand_stride, int64_t reward_stride, int64_t out_stride, int cand_dtype);
 void pllm_reward_guided_emu(uintptr_t out, uintptr_t logits, uintptr_t reward, uintptr_t beta, uintptr_t top_k,
                             int64_t batch, int64_t vocab, int64_t logits_stride, int64_t reward_stride,
                             int64_t out_stride, int dtype);

@@ -160,6 +160,12 @@ PYBIND11_MODULE(_C, m) {
         "strides, cudaStream_t as int. Asynchronous.");
   m.def("reward_guided_emu", &pllm_reward_guided_emu,
         "reward_guided on the CPU emulator (host pointers; no stream argument). Tests only.");
+  m.def("reward_guided_cand", &pllm_reward_guided_cand,
+        "reward_guided_cand(out, logits, cand, reward, beta, top_k, batch, vocab, logits_stride, cand_stride, "
+        "reward_stride, out_stride, cand_dtype, stream): reward_guided on float32 logits (the values) with the "
+        "candidates taken from the rows of `cand` (dtype code cand_dtype): the guidance step of fused_sample.");
+  m.def("reward_guided_cand_emu", &pllm_reward_guided_cand_emu,
+        "reward_guided_cand on the CPU emulator (host pointers; no stream argument). Tests only.");
   m.def("reward_kernels", &pllm_reward_kernels, "Names of the compiled reward-guidance kernel variants.");
   m.def(
       "reward_constants",

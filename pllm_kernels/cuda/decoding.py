@@ -25,6 +25,10 @@ maximum and sum over the candidates, and ``out = (x - max x) + beta r - lse`` th
 multi-objective ``(B, M, V)`` and per-candidate ``(B, k)`` forms are reduced to token rewards first, as the Triton
 wrapper does.
 
+``fused_sample_cuda``: :func:`pllm_kernels.ops.fused_sample` as three launches of these kernels (mixing into a float32
+scratch, guidance with the candidates from ``sources[0]`` through a variant of the reward kernel that reads the
+candidates' row separately, the sampler); one fused pass is not written yet.
+
 This module only converts arguments (pointers, element strides, dtype code, the current CUDA stream: CUDA-graph
 capturable); ``_emulate=True`` (tests) runs the same kernel on CPU tensors through the extension's CPU emulator.
 """
@@ -36,7 +40,8 @@ import torch
 from pllm_kernels.cuda._common import DTYPE_CODES, device_of, extension, launch
 from pllm_kernels.cuda.lora import supports as _device_supports
 
-__all__ = ["MAX_SOURCES", "MAX_VOCAB", "mix_logprobs_cuda", "reward_guided_cuda", "sample_tokens_cuda", "supports"]
+__all__ = ["MAX_SOURCES", "MAX_VOCAB", "fused_sample_cuda", "mix_logprobs_cuda", "reward_guided_cuda",
+           "sample_tokens_cuda", "supports"]
 
 MAX_SOURCES = 64  # csrc/include/pllm/decoding.cuh dec::kMaxSources (checked against the extension by the tests)
 MAX_VOCAB = 1 << 24  # csrc/include/pllm/sample.cuh smp::kMaxVocab = reward.cuh rwd::kMaxVocab (exact in float32)
@@ -184,3 +189,42 @@ def reward_guided_cuda(out, logits, reward, beta, top_k, weights=None, *, _emula
     launch(C, "reward_guided", args, device, _emulate)
     if target is not out:
         out.copy_(target)
+
+
+def fused_sample_cuda(tokens, logprobs, sources, coefs, reward, beta, reward_top_k, temperature, top_k, top_p, min_p,
+                      seed, step, *, _emulate=False) -> None:
+    """:func:`pllm_kernels.ops.fused_sample` on the CUDA kernels, in three launches (not one fused pass): the mixing
+    kernel into a float32 ``(B, V)`` scratch, then with ``reward (B, V)`` the guidance kernel on it with the
+    candidates taken from ``sources[0]`` (the base logits; ``reward_top_k`` 0 = every token), then the sampler.
+    Per-row ``beta`` / ``reward_top_k`` and sampling parameters ``(B,)``; ``tokens (B,)`` int64 and ``logprobs (B,)``
+    float32 are written."""
+    tensors = [tokens, logprobs, sources, coefs, beta, reward_top_k, temperature, top_k, top_p, min_p, seed, step]
+    if reward is not None:
+        tensors.append(reward)
+    C = _C("reward_guided_cand")
+    device = device_of(tensors, "fused_sample_cuda", _emulate, C)
+    if sources.dim() != 3:
+        raise RuntimeError(f"fused_sample_cuda: sources must be (S, B, V), got shape {tuple(sources.shape)}")
+    S, B, V = sources.shape
+    if not 1 <= V <= MAX_VOCAB:
+        raise RuntimeError(f"fused_sample_cuda: the CUDA kernels take vocabularies of 1..{MAX_VOCAB} tokens, got {V}")
+    if reward is not None and (tuple(reward.shape) != (B, V) or tuple(beta.shape) != (B,)
+                               or tuple(reward_top_k.shape) != (B,)):
+        raise RuntimeError(f"fused_sample_cuda: expected reward (B={B}, V={V}), beta and reward_top_k (B,), got "
+                           f"{tuple(reward.shape)}, {tuple(beta.shape)} and {tuple(reward_top_k.shape)}")
+    z = torch.empty(B, V, dtype=torch.float32, device=sources.device)
+    mix_logprobs_cuda(z, sources, coefs, _emulate=_emulate)
+    if reward is not None and B > 0:
+        base = sources[0]
+        if (V > 1 and base.stride(1) != 1) or base.stride(0) < 0:
+            base = base.contiguous()
+        r = reward.to(torch.float32)
+        if (V > 1 and r.stride(1) != 1) or r.stride(0) < 0:
+            r = r.contiguous()
+        b32, k32 = beta.to(torch.float32).contiguous(), reward_top_k.to(torch.int32).contiguous()
+        guided = torch.empty_like(z)
+        args = [guided.data_ptr(), z.data_ptr(), base.data_ptr(), r.data_ptr(), b32.data_ptr(), k32.data_ptr(),
+                B, V, z.stride(0), base.stride(0), r.stride(0), guided.stride(0), _DTYPES[base.dtype]]
+        launch(C, "reward_guided_cand", args, device, _emulate)
+        z = guided
+    sample_tokens_cuda(tokens, logprobs, z, temperature, top_k, top_p, min_p, seed, step, _emulate=_emulate)

@@ -64,7 +64,8 @@ _SAMPLE = OpTable("sample_tokens", torch=Impl(torch_dec.sample_torch),
                   triton=Impl(lambda *a: _triton().sample_triton(*a), _no_f64),
                   cuda=Impl(lambda *a: _cuda().sample_tokens_cuda(*a), _cuda_supports))
 _FUSED = OpTable("fused_sample", torch=Impl(_fused_torch),
-                 triton=Impl(lambda *a: _triton().fused_sample_triton(*a), _no_f64))
+                 triton=Impl(lambda *a: _triton().fused_sample_triton(*a), _no_f64),
+                 cuda=Impl(lambda *a: _cuda().fused_sample_cuda(*a), _cuda_supports))
 
 
 # ------------------------------------------------------------------------------------------- custom ops
@@ -108,9 +109,12 @@ def _fused_impl(tokens: torch.Tensor, logprobs: torch.Tensor, sources: torch.Ten
                 reward: torch.Tensor | None, beta: torch.Tensor, reward_top_k: torch.Tensor,
                 temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, min_p: torch.Tensor,
                 seed: torch.Tensor, step: torch.Tensor, backend: str) -> None:
-    _FUSED.pick(backend, sources.device, sources.dtype)[1].fn(tokens, logprobs, sources, coefs, reward, beta,
-                                                              reward_top_k, temperature, top_k, top_p, min_p, seed,
-                                                              step)
+    name, impl = _FUSED.pick(backend, sources.device, sources.dtype)
+    if name == "cuda" and backend == "auto" and (sources.shape[0] > _cuda().MAX_SOURCES
+                                                 or sources.shape[2] > _cuda().MAX_VOCAB):  # beyond the kernels
+        impl = _FUSED.impls["triton"] if triton_available() else _FUSED.impls["torch"]
+    impl.fn(tokens, logprobs, sources, coefs, reward, beta, reward_top_k, temperature, top_k, top_p, min_p, seed,
+            step)
 
 
 _fused_op = torch.library.custom_op("pllm::fused_sample", mutates_args=("tokens", "logprobs"))(_fused_impl)

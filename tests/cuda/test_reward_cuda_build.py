@@ -77,7 +77,10 @@ def test_extension_lists_reward_launcher_and_constants():
     for name in ("reward_guided", "reward_guided_emu", "reward_kernels", "reward_constants"):
         assert callable(getattr(C, name)), name
     assert C.reward_constants()["max_vocab"] == MAX_VOCAB
-    assert sorted(C.reward_kernels()) == sorted(f"reward_guided<{d}>" for d in ("float32", "float16", "bfloat16"))
+    dts = ("float32", "float16", "bfloat16")
+    assert sorted(C.reward_kernels()) == sorted([f"reward_guided<{d}>" for d in dts]
+                                                + [f"reward_guided<float32,candidates={d}>" for d in dts])
+    assert callable(C.reward_guided_cand) and callable(C.reward_guided_cand_emu)
 
 
 @needs_ext
@@ -95,7 +98,7 @@ def test_resource_report_covers_every_reward_kernel_without_spills():
         archs.setdefault(e.name, set()).add(e.arch)
         assert e.registers > 0 and e.spill_stores == 0 and e.spill_loads == 0 and e.stack == 0, e
         assert e.registers <= 128 and e.smem <= 1024, e  # 512-thread blocks: up to 128 registers without spilling
-    assert len(archs) == 3, sorted(archs)
+    assert len(archs) == 6, sorted(archs)  # 3 logits dtypes + 3 candidate dtypes (fused_sample's guidance step)
     for name, got in archs.items():
         assert {"sm_80", "sm_90"} <= got, f"{name}: compiled for {sorted(got)}"
 

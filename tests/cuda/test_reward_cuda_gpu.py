@@ -191,6 +191,84 @@ def test_device_bits_equal_the_emulator(dtype):
     assert_bitwise_equal(out.cpu(), eout, msg=f"{dtype}")
 
 
+# ------------------------------------------------------------------------------------------------ fused_sample
+def _fused_case(name, dtype, seed=0):
+    B, V = CASES[name]
+    g = torch.Generator().manual_seed(seed)
+    src = (torch.randn(2, B, V, generator=g) * 3).to(dtype)
+    src[:, :, :5] = -math.inf
+    coefs = torch.tensor([[1.5, -0.5]] * B)
+    reward = torch.randn(B, V, generator=g)
+    beta = torch.tensor([0.0, 0.5, 1.0, 2.5, -1.5])[torch.arange(B) % 5]
+    rk = torch.tensor([0, 1, 5, 17, 50, V - 1, V], dtype=torch.int32)[(torch.arange(B) * 3) % 7]
+    temp = torch.tensor([0.0, 1.0, 0.7, 1.3])[torch.arange(B) % 4]
+    topk = torch.tensor([0, 40, 0, 5], dtype=torch.int32)[torch.arange(B) % 4]
+    topp = torch.tensor([1.0, 0.9, 0.6, 1.0])[torch.arange(B) % 4]
+    minp = torch.tensor([0.0, 0.0, 0.05, 0.0])[torch.arange(B) % 4]
+    seed_t, step = torch.arange(B, dtype=torch.int64) + 11, torch.full((B,), 4, dtype=torch.int64)
+    return [t.to(DEVICE) for t in (src, coefs, reward, beta, rk, temp, topk, topp, minp, seed_t, step)]
+
+
+def _fused_spec(src, coefs, reward, beta, rk, temp, topk, topp, minp, seed_t, step):
+    from pllm_kernels.reference.decoding import mix_logprobs_ref, sample_ref, top_k_candidates_ref
+
+    src, coefs = src.cpu(), coefs.cpu()
+    z = mix_logprobs_ref(src, coefs)
+    B, V = z.shape
+    cand = torch.zeros(B, V, dtype=torch.bool)
+    for b in range(B):
+        k = int(rk[b])
+        cand[b, top_k_candidates_ref(src[0, b], k) if k else list(range(V))] = True
+    z = torch.log_softmax(torch.where(cand, z + beta.cpu().double()[:, None] * reward.cpu().double(), -math.inf), -1)
+    return sample_ref(z, temp.cpu(), topk.cpu(), topp.cpu(), minp.cpu(), seed_t.cpu(), step.cpu())
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("name", _names(["llama3_b8", "gpt2_odd_b16", "small"]))
+def test_fused_sample_matches_spec(name, dtype):
+    """``fused_sample`` on the CUDA kernels (mix -> guidance with the candidates of sources[0] -> sampler): the spec's
+    tokens and log-probs at real vocabularies, per-row beta / reward top_k / sampling parameters."""
+    from pllm_kernels.cuda.decoding import fused_sample_cuda
+
+    args = _fused_case(name, dtype)
+    B = args[0].shape[1]
+    tok = torch.empty(B, dtype=torch.int64, device=DEVICE)
+    lp = torch.empty(B, dtype=torch.float32, device=DEVICE)
+    fused_sample_cuda(tok, lp, *args, _emulate=ON_EMU)
+    _sync()
+    want, want_lp = _fused_spec(*args)
+    assert torch.equal(tok.cpu(), want), f"{name} {dtype}"
+    assert (lp.cpu().double() - want_lp).abs().max().item() <= 1e-4
+
+
+@gpu_ops
+def test_fused_sample_op_cuda_equals_triton():
+    from pllm_kernels.ops import fused_sample
+
+    src, coefs, reward, beta, rk, temp, topk, topp, minp, seed_t, step = _fused_case("llama3_b8", torch.bfloat16, 3)
+    kw = dict(reward=reward, beta=beta, reward_top_k=rk, temperature=temp, top_k=topk, top_p=topp, min_p=minp,
+              seed=seed_t, step=step)
+    t_cuda, lp_cuda = fused_sample(src, coefs, backend="cuda", **kw)
+    t_tri, lp_tri = fused_sample(src, coefs, backend="triton", **kw)
+    assert torch.equal(t_cuda, t_tri)
+    assert (lp_cuda - lp_tri).abs().max().item() <= 1e-4
+
+
+def test_sanitizer_fused_sample():
+    """fused_sample's three launches on tiny rows (the guidance kernel's separate-candidate variants)."""
+    from pllm_kernels.cuda.decoding import fused_sample_cuda
+
+    for dtype in DTYPES:
+        args = _fused_case("small", dtype, 5)
+        B = args[0].shape[1]
+        tok = torch.empty(B, dtype=torch.int64, device=DEVICE)
+        lp = torch.empty(B, dtype=torch.float32, device=DEVICE)
+        fused_sample_cuda(tok, lp, *args, _emulate=ON_EMU)
+        _sync()
+        want, _ = _fused_spec(*args)
+        assert torch.equal(tok.cpu(), want), dtype
+
+
 # ------------------------------------------------------------------------------------------------ sanitizer subset
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_sanitizer_every_kernel_variant(dtype):

@@ -32,18 +32,23 @@ namespace PLLM_KNS {
 struct RewardParams {
   float* out;                  // (B, V) float32, unit stride along V
   const void* logits;          // (B, V), unit stride along V
+  const void* cand;            // (B, V), unit stride along V: the logits the candidates come from (SEP kernels only)
   const float* reward;         // (B, V) float32, unit stride along V
   const float* beta;           // (B,)
   const int32_t* top_k;        // (B,)
   int B, V;
   int64_t s_x, s_r, s_o;       // row strides (elements)
+  int64_t s_c;                 // row stride of cand
 };
 
 // ---------------------------------------------------------------------------------------------------------------
-// reward_guided: grid (B,), block (kRewardThreads,). T: the logits' dtype.
+// reward_guided: grid (B,), block (kRewardThreads,). T: the logits' dtype. SEP: the candidates are the first top_k
+// tokens of another row, `cand` (dtype C), while the values are the logits' (fused_sample: guidance on the mixed
+// log-probs, candidates from the base logits); without SEP, C = T and the logits are the candidates' source.
 // ---------------------------------------------------------------------------------------------------------------
-template <typename T>
+template <typename T, typename C = T, bool SEP = false>
 PLLM_KERNEL(rwd::kRewardThreads) reward_guided_kernel(const RewardParams p) {
+  static_assert(SEP || std::is_same<T, C>::value, "without a separate candidate row, C is the logits' dtype");
   PLLM_SMEM float red[2 * dec::kWarp];
   const int b = bid_x();
   const int V = p.V;
@@ -52,6 +57,8 @@ PLLM_KERNEL(rwd::kRewardThreads) reward_guided_kernel(const RewardParams p) {
   const T* row = static_cast<const T*>(p.logits) + static_cast<int64_t>(b) * p.s_x;
   const float* rrow = p.reward + static_cast<int64_t>(b) * p.s_r;
   float* orow = p.out + static_cast<int64_t>(b) * p.s_o;
+  const C* crow = SEP ? static_cast<const C*>(p.cand) + static_cast<int64_t>(b) * p.s_c
+                      : reinterpret_cast<const C*>(row);
   int parity = 0;
   const float beta = p.beta[b];
   const int k = p.top_k[b];
@@ -59,7 +66,7 @@ PLLM_KERNEL(rwd::kRewardThreads) reward_guided_kernel(const RewardParams p) {
   // pass 0: the candidates, a prefix (t, cut) of the (logit desc, index asc) order; everything when k is 0 or >= V
   Prefix cand{smp::kKeyNegInf, V, static_cast<float>(V), 0.0f};
   if (k > 0 && k < V) {
-    cand = search_prefix<T, false>(row, V, static_cast<float>(k), cand, 0.0f, 1.0f, red, parity);
+    cand = search_prefix<C, false>(crow, V, static_cast<float>(k), cand, 0.0f, 1.0f, red, parity);
   }
   const int ct = cand.t;
   const int ccut = cand.cut;
@@ -76,7 +83,7 @@ PLLM_KERNEL(rwd::kRewardThreads) reward_guided_kernel(const RewardParams p) {
 #pragma unroll 1
   for (int v = i0; v < V; v += nt) {
     const float x = load_w<T>(row, v);
-    const int key = fkey(x);
+    const int key = SEP ? fkey(load_w<C>(crow, v)) : fkey(x);
     if (key > ct || (key == ct && v <= ccut)) gm = fmaxf(gm, add_rn(add_rn(x, -M), mul_rn(beta, rrow[v])));
   }
   const float G0 = block_max(gm, red, parity);
@@ -87,7 +94,7 @@ PLLM_KERNEL(rwd::kRewardThreads) reward_guided_kernel(const RewardParams p) {
 #pragma unroll 1
   for (int v = i0; v < V; v += nt) {
     const float x = load_w<T>(row, v);
-    const int key = fkey(x);
+    const int key = SEP ? fkey(load_w<C>(crow, v)) : fkey(x);
     if (key > ct || (key == ct && v <= ccut)) {
       s = add_rn(s, exp_det(add_rn(add_rn(add_rn(x, -M), mul_rn(beta, rrow[v])), -G)));
     }
@@ -99,7 +106,7 @@ PLLM_KERNEL(rwd::kRewardThreads) reward_guided_kernel(const RewardParams p) {
 #pragma unroll 1
   for (int v = i0; v < V; v += nt) {
     const float x = load_w<T>(row, v);
-    const int key = fkey(x);
+    const int key = SEP ? fkey(load_w<C>(crow, v)) : fkey(x);
     float o = -INFINITY;
     if (key > ct || (key == ct && v <= ccut)) o = add_rn(add_rn(add_rn(x, -M), mul_rn(beta, rrow[v])), -lse);
     orow[v] = o;
