@@ -17,10 +17,11 @@ import math
 
 import pytest
 import torch
+from fused_cases import fused_spec_guided, run_fused_cuda
 from utils import assert_bitwise_equal, assert_close
 
 from pllm_kernels import _ext
-from pllm_kernels.reference.decoding import mix_logprobs_ref, sample_ref, top_k_candidates_ref
+from pllm_kernels.reference.decoding import mix_logprobs_ref, sample_ref
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
@@ -35,17 +36,6 @@ needs_ext = pytest.mark.skipif(not _has(), reason=f"CUDA extension with the fuse
 def _logits(S, B, V, seed, dtype, scale=3.0):
     g = torch.Generator().manual_seed(seed)
     return (torch.randn(S, B, V, generator=g) * scale).to(dtype)
-
-
-def _spec_guided(src, coefs, reward, beta, rk):
-    """float64: log_softmax over the candidates (first rk[b] tokens of sources[0, b]) of mix + beta * reward."""
-    z = mix_logprobs_ref(src, coefs)
-    B, V = z.shape
-    cand = torch.zeros(B, V, dtype=torch.bool)
-    for b in range(B):
-        k = int(rk[b])
-        cand[b, top_k_candidates_ref(src[0, b], k) if k else list(range(V))] = True
-    return torch.log_softmax(torch.where(cand, z + beta.double()[:, None] * reward.double(), -math.inf), -1), cand
 
 
 def _guided_cand(z, base, reward, beta, rk):
@@ -74,7 +64,7 @@ def test_guidance_candidates_come_from_the_base_row(dtype):
     rk = torch.tensor([0, 1, 5, 17, V - 1, V, 3, 12, 40, 2, 0, 9], dtype=torch.int32)
     z = mix_logprobs_ref(src, coefs).float()
     out = _guided_cand(z, src[0].contiguous(), reward, beta, rk)
-    want, cand = _spec_guided(src, coefs, reward, beta, rk)
+    want, cand = fused_spec_guided(src, coefs, reward, beta, rk)
     z_cand = torch.zeros_like(cand)
     for b in range(B):
         if 0 < int(rk[b]) < V:
@@ -88,8 +78,6 @@ def test_guidance_candidates_come_from_the_base_row(dtype):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("S", [1, 2, 3])
 def test_fused_sample_cuda_matches_spec(S, dtype):
-    from pllm_kernels.cuda.decoding import fused_sample_cuda
-
     B, V = 10, 700
     src = _logits(S, B, V, 10 + S, dtype)
     coefs = torch.tensor([[1.5, -0.5, 0.25][:S]] * B) if S > 1 else torch.ones(B, 1)
@@ -102,22 +90,17 @@ def test_fused_sample_cuda_matches_spec(S, dtype):
     beta = torch.tensor([0.8, 0.0, 1.5, -0.5, 0.8, 2.0, 0.3, 0.8, 1.0, 0.1])
     for r, rk in ((None, 0), (reward, 0), (reward, 5), (reward, torch.tensor([0, 1, 5, 17, V, 2, 9, 0, 30, 4]))):
         rk_t = torch.full((B,), rk, dtype=torch.int32) if isinstance(rk, int) else rk.to(torch.int32)
-        tok = torch.empty(B, dtype=torch.int64)
-        lp = torch.empty(B, dtype=torch.float32)
-        fused_sample_cuda(tok, lp, src, coefs, r, beta, rk_t, temp, topk, topp, minp, seed, step, _emulate=True)
-        z = _spec_guided(src, coefs, r, beta, rk_t)[0] if r is not None else mix_logprobs_ref(src, coefs)
+        tok, lp = run_fused_cuda(src, coefs, r, beta, rk_t, temp, topk, topp, minp, seed, step, True)
+        z = fused_spec_guided(src, coefs, r, beta, rk_t)[0] if r is not None else mix_logprobs_ref(src, coefs)
         want, want_lp = sample_ref(z, temp, topk, topp, minp, seed, step)
         assert torch.equal(tok, want), (r is None, rk)
         assert_close(lp, want_lp, torch.float32, scale=20)
         # a row alone gives the same token and bits
-        t1 = torch.empty(1, dtype=torch.int64)
-        l1 = torch.empty(1, dtype=torch.float32)
-        i = 6
-        fused_sample_cuda(t1, l1, src[:, i : i + 1], coefs[i : i + 1], None if r is None else r[i : i + 1],
-                          beta[i : i + 1], rk_t[i : i + 1], temp[i : i + 1], topk[i : i + 1], topp[i : i + 1],
-                          minp[i : i + 1], seed[i : i + 1], step[i : i + 1], _emulate=True)
+        i = slice(6, 7)
+        t1, l1 = run_fused_cuda(src[:, i], coefs[i], None if r is None else r[i], beta[i], rk_t[i], temp[i], topk[i],
+                                topp[i], minp[i], seed[i], step[i], True)
         assert int(t1) == int(tok[i])
-        assert_bitwise_equal(l1, lp[i : i + 1], msg="row alone vs in the batch")
+        assert_bitwise_equal(l1, lp[i], msg="row alone vs in the batch")
 
 
 def test_op_table_and_errors():

@@ -19,6 +19,7 @@ import os
 
 import pytest
 import torch
+from fused_cases import fused_spec_guided, run_fused_cuda
 from utils import assert_bitwise_equal
 
 from pllm_kernels import _ext
@@ -210,16 +211,9 @@ def _fused_case(name, dtype, seed=0):
 
 
 def _fused_spec(src, coefs, reward, beta, rk, temp, topk, topp, minp, seed_t, step):
-    from pllm_kernels.reference.decoding import mix_logprobs_ref, sample_ref, top_k_candidates_ref
+    from pllm_kernels.reference.decoding import sample_ref
 
-    src, coefs = src.cpu(), coefs.cpu()
-    z = mix_logprobs_ref(src, coefs)
-    B, V = z.shape
-    cand = torch.zeros(B, V, dtype=torch.bool)
-    for b in range(B):
-        k = int(rk[b])
-        cand[b, top_k_candidates_ref(src[0, b], k) if k else list(range(V))] = True
-    z = torch.log_softmax(torch.where(cand, z + beta.cpu().double()[:, None] * reward.cpu().double(), -math.inf), -1)
+    z, _ = fused_spec_guided(src, coefs, reward, beta, rk)
     return sample_ref(z, temp.cpu(), topk.cpu(), topp.cpu(), minp.cpu(), seed_t.cpu(), step.cpu())
 
 
@@ -228,13 +222,8 @@ def _fused_spec(src, coefs, reward, beta, rk, temp, topk, topp, minp, seed_t, st
 def test_fused_sample_matches_spec(name, dtype):
     """``fused_sample`` on the CUDA kernels (mix -> guidance with the candidates of sources[0] -> sampler): the spec's
     tokens and log-probs at real vocabularies, per-row beta / reward top_k / sampling parameters."""
-    from pllm_kernels.cuda.decoding import fused_sample_cuda
-
     args = _fused_case(name, dtype)
-    B = args[0].shape[1]
-    tok = torch.empty(B, dtype=torch.int64, device=DEVICE)
-    lp = torch.empty(B, dtype=torch.float32, device=DEVICE)
-    fused_sample_cuda(tok, lp, *args, _emulate=ON_EMU)
+    tok, lp = run_fused_cuda(*args, ON_EMU)
     _sync()
     want, want_lp = _fused_spec(*args)
     assert torch.equal(tok.cpu(), want), f"{name} {dtype}"
@@ -256,14 +245,9 @@ def test_fused_sample_op_cuda_equals_triton():
 
 def test_sanitizer_fused_sample():
     """fused_sample's three launches on tiny rows (the guidance kernel's separate-candidate variants)."""
-    from pllm_kernels.cuda.decoding import fused_sample_cuda
-
     for dtype in DTYPES:
         args = _fused_case("small", dtype, 5)
-        B = args[0].shape[1]
-        tok = torch.empty(B, dtype=torch.int64, device=DEVICE)
-        lp = torch.empty(B, dtype=torch.float32, device=DEVICE)
-        fused_sample_cuda(tok, lp, *args, _emulate=ON_EMU)
+        tok, _ = run_fused_cuda(*args, ON_EMU)
         _sync()
         want, _ = _fused_spec(*args)
         assert torch.equal(tok.cpu(), want), dtype

@@ -101,6 +101,13 @@ template <> __host__ __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bf
 
 inline cudaStream_t as_stream(uintptr_t stream) { return reinterpret_cast<cudaStream_t>(stream); }
 
+// Launcher argument check of a pointer passed as an integer: "<op>: <name>: null pointer" / "... not N-byte aligned".
+inline void check_arg_ptr(uintptr_t q, const char* op, const char* name, int align) {
+  PLLM_CHECK(q != 0, op << ": " << name << ": null pointer");
+  PLLM_CHECK(q % static_cast<uintptr_t>(align) == 0,
+             op << ": " << name << ": pointer not " << align << "-byte aligned");
+}
+
 template <typename T> inline T* as_ptr(uintptr_t p) { return reinterpret_cast<T*>(p); }
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }

@@ -51,9 +51,7 @@ inline void mix_logprobs_entry(uintptr_t out, uintptr_t sources, uintptr_t coefs
   p.src = reinterpret_cast<const void*>(sources);
   p.coefs = reinterpret_cast<const float*>(coefs);
   const auto check_ptr = [](const void* q, const char* name, int align) {
-    PLLM_CHECK(q != nullptr, "mix_logprobs: " << name << ": null pointer");
-    PLLM_CHECK(reinterpret_cast<uintptr_t>(q) % align == 0, "mix_logprobs: " << name << ": pointer not " << align
-                                                                                << "-byte aligned");
+    check_arg_ptr(reinterpret_cast<uintptr_t>(q), "mix_logprobs", name, align);
   };
   check_ptr(p.out, "out", 4);
   check_ptr(p.src, "sources", esize);

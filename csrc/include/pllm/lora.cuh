@@ -9,11 +9,11 @@
 // Routing: slot -1 or >= L = no adapter (never read, never written); ranks clamped to [0, R]; only the first `rank`
 // rows of A and columns of B are read (a rank-8 slot of an R = 64 buffer does 1/8 of the work).
 //
-// Tensor cores: only in the opt-in SGMV shrink of path kPathSgmvTc (fp16 / bf16; lora_shrink_sgmv_tc_kernel). An mma
-// accumulates its k products in a hardware-defined order, so that kernel cannot give the bits of the BGMV / fused
+// Tensor cores: only in the opt-in SGMV shrink of path kPathSgmvTc (fp16 / bf16; lora_shrink_sgmv_tc_kernel). An
+// mma accumulates its k products in a hardware-defined order, so that kernel cannot give the bits of the BGMV / fused
 // (CUDA-core) kernels: with it a token's result changes (within rounding) when the batch crosses the BGMV / SGMV
-// threshold, which is why `auto` never picks it. Decode (bandwidth-bound) loses nothing without them; the default prefill
-// shrink runs on fp32 FMAs from shared memory (about 1 FMA per shared-memory byte).
+// threshold, which is why `auto` never picks it. Decode (bandwidth-bound) loses nothing without them; the default
+// prefill shrink runs on fp32 FMAs from shared memory (about 1 FMA per shared-memory byte).
 #pragma once
 
 #include "pllm/kernel_prims.cuh"
@@ -201,6 +201,111 @@ PLLM_KERNEL(lora::kShrinkBgmvWarps * 32) lora_shrink_bgmv_kernel(const ShrinkPar
 }
 
 // ---------------------------------------------------------------------------------------------------------------
+// Pieces shared by the SGMV shrink kernels (FMA and tensor-core): the block's tile, its token rows and the stage loader.
+// ---------------------------------------------------------------------------------------------------------------
+struct SgmvShrinkTile {
+  int kc, slot, n_used, n0, m0, start, len;
+};
+
+// The tile of block (bid_x, bid_y, bid_z): false when it has nothing to compute (invalid slot, outputs beyond the
+// slot's rank, rows beyond its chunk): uniform over the block, so the caller returns before any barrier.
+PLLM_DEV bool sgmv_shrink_tile(const ShrinkParams& p, SgmvShrinkTile& t) {
+  const int seg = bid_x();
+  t.kc = seg / p.G;
+  const int64_t seg_idx = static_cast<int64_t>(t.kc) * p.G + (seg - t.kc * p.G);
+  t.slot = p.seg_slot[seg_idx];
+  if (!lora::slot_valid(t.slot, p.L)) return false;
+  t.n_used = lora::clamp_rank(p.ranks[t.slot], p.R) * p.S;
+  t.n0 = bid_y() * lora::kSgmvShrinkCols;
+  if (t.n0 >= t.n_used) return false;
+  t.m0 = bid_z() * lora::kSgmvRows;
+  t.start = p.seg_start[seg_idx];
+  t.len = p.seg_len[seg_idx] < p.chunk ? p.seg_len[seg_idx] : p.chunk;
+  return t.m0 < t.len;
+}
+
+// Threads < kSgmvRows: token and pair of row tid() of the tile (-1 when none); the caller syncs the block.
+PLLM_DEV void sgmv_shrink_rows(const ShrinkParams& p, const SgmvShrinkTile& t, int* row_tok, int* row_pair) {
+  if (tid() < lora::kSgmvRows) {
+    const int m = t.m0 + tid();
+    const int64_t pos = static_cast<int64_t>(t.start) + m;
+    int64_t tok = -1, pr = -1;
+    if (m < t.len && pos >= static_cast<int64_t>(t.kc) * p.T && pos < static_cast<int64_t>(t.kc + 1) * p.T) {
+      pr = p.pairs[pos];
+      tok = lora::sgmv_row_token(m, t.len, p.chunk, pos, pr, t.kc, p.T);
+    }
+    row_tok[tid()] = static_cast<int>(tok);
+    row_pair[tid()] = tok >= 0 ? static_cast<int>(pr) : -1;
+  }
+}
+
+// Shared memory of the SGMV shrink kernels: two stages of x and A rows ([stage][row][lane]: lane l's 16 bytes of the
+// step) and the tile's token / pair per row.
+struct SgmvShrinkSmem {
+  uint4 xs[2][lora::kSgmvRows][32];
+  uint4 as[2][lora::kSgmvShrinkCols][32];
+  int row_tok[lora::kSgmvRows];
+  int row_pair[lora::kSgmvRows];
+};
+
+// Stage j of the x rows and A rows (combined outputs) of the tile: 16 + 16 rows x 32 lane chunks of 16 bytes
+// (32 * VEC elements of h). cp.async when rows are 16-byte aligned (zero-fill outside h / unrouted rows / outputs
+// beyond the rank), else synchronous scalar loads with the same zero-fill.
+template <typename T, bool VEC_OK>
+PLLM_DEV void sgmv_shrink_load_stage(const ShrinkParams& p, const SgmvShrinkTile& t, const int* row_tok,
+                                     uint4 (*xs)[32], uint4 (*as)[32], int j) {
+  constexpr int VEC = 16 / sizeof(T);
+  constexpr int STEP = 32 * VEC;
+  constexpr int ROWS = lora::kSgmvRows;
+  constexpr int COLS = lora::kSgmvShrinkCols;
+  const T* x = static_cast<const T*>(p.x);
+  const T* a = static_cast<const T*>(p.a);
+  for (int idx = tid(); idx < (ROWS + COLS) * 32; idx += nthreads()) {
+    const int r = idx >> 5;
+    const int c = idx & 31;
+    const int64_t h0 = static_cast<int64_t>(j) * STEP + static_cast<int64_t>(c) * VEC;
+    const T* src = x;
+    bool ok;
+    uint4* dst;
+    if (r < ROWS) {
+      const int tok = row_tok[r];
+      ok = tok >= 0;
+      if (ok) src = x + static_cast<int64_t>(tok) * p.sxt + h0;
+      dst = &xs[r][c];
+    } else {
+      const int n = t.n0 + (r - ROWS);
+      ok = n < t.n_used;
+      if (ok) {
+        src = a + static_cast<int64_t>(t.slot) * p.sa0 + lora::combined_slice(n, p.S) * p.sa1 +
+              lora::combined_row(n, p.S) * p.sa2 + h0;
+      } else {
+        src = a;
+      }
+      dst = &as[r - ROWS][c];
+    }
+    if (VEC_OK) {
+      // H % VEC == 0: the 16 bytes are entirely inside or outside the row.
+      const bool in = ok && h0 < p.H;
+      cp_async16(dst, in ? static_cast<const void*>(src) : static_cast<const void*>(a), in ? 16 : 0);
+    } else {
+      T e[VEC];
+#pragma unroll
+      for (int q = 0; q < VEC; ++q) e[q] = (ok && h0 + q < p.H) ? src[q] : from_float<T>(0.0f);
+      std::memcpy(dst, e, 16);
+    }
+  }
+}
+
+// The prologue of both SGMV shrink kernels: the tile and its rows (block-synchronized); false = nothing to do (uniform
+// over the block: the caller returns before any other barrier).
+PLLM_DEV bool sgmv_shrink_begin(const ShrinkParams& p, SgmvShrinkTile& t, SgmvShrinkSmem& sm) {
+  if (!sgmv_shrink_tile(p, t)) return false;
+  sgmv_shrink_rows(p, t, sm.row_tok, sm.row_pair);
+  sync_block();
+  return true;
+}
+
+// ---------------------------------------------------------------------------------------------------------------
 // SGMV shrink. Grid (K*G chunks, cdiv(R*S, 16), cdiv(chunk, 16)); block = 16 warps on a tile of 16 rows (tokens of
 // one chunk, gathered through sorted_pairs) x 16 combined outputs; warp (wm, wn) owns a 4 x 4 register tile. The x and
 // A tiles of one step (32 * VEC elements of h) are staged in shared memory by a cp.async double buffer (synchronous
@@ -211,89 +316,24 @@ PLLM_KERNEL(lora::kShrinkBgmvWarps * 32) lora_shrink_bgmv_kernel(const ShrinkPar
 template <typename T, bool VEC_OK>
 PLLM_KERNEL(lora::kSgmvShrinkThreads) lora_shrink_sgmv_kernel(const ShrinkParams p) {
   constexpr int VEC = 16 / sizeof(T);
-  constexpr int STEP = 32 * VEC;
   constexpr int SPW = lora::kStepsPerSplit;
-  constexpr int ROWS = lora::kSgmvRows;       // 16
-  constexpr int COLS = lora::kSgmvShrinkCols; // 16
-  PLLM_SMEM uint4 xs[2][ROWS][32];  // [stage][row][lane]: lane l's 16 bytes of the step
-  PLLM_SMEM uint4 as[2][COLS][32];
-  PLLM_SMEM int row_tok[ROWS];
-  PLLM_SMEM int row_pair[ROWS];
-
-  const int seg = bid_x();
-  const int kc = seg / p.G;
-  const int64_t seg_idx = static_cast<int64_t>(kc) * p.G + (seg - kc * p.G);
-  const int slot = p.seg_slot[seg_idx];
-  if (!lora::slot_valid(slot, p.L)) return;
-  const int rank = lora::clamp_rank(p.ranks[slot], p.R);
-  const int n_used = rank * p.S;
-  const int n0 = bid_y() * COLS;
-  if (n0 >= n_used) return;
-  const int m0 = bid_z() * ROWS;
-  const int start = p.seg_start[seg_idx];
-  const int len = p.seg_len[seg_idx] < p.chunk ? p.seg_len[seg_idx] : p.chunk;
-  if (m0 >= len) return;
-
-  if (tid() < ROWS) {
-    const int m = m0 + tid();
-    const int64_t pos = static_cast<int64_t>(start) + m;
-    int64_t tok = -1, pr = -1;
-    if (m < len && pos >= static_cast<int64_t>(kc) * p.T && pos < static_cast<int64_t>(kc + 1) * p.T) {
-      pr = p.pairs[pos];
-      tok = lora::sgmv_row_token(m, len, p.chunk, pos, pr, kc, p.T);
-    }
-    row_tok[tid()] = static_cast<int>(tok);
-    row_pair[tid()] = tok >= 0 ? static_cast<int>(pr) : -1;
-  }
-  sync_block();
-
-  const T* x = static_cast<const T*>(p.x);
-  const T* a = static_cast<const T*>(p.a);
+  PLLM_SMEM SgmvShrinkSmem sm;
+  SgmvShrinkTile tile;
+  if (!sgmv_shrink_begin(p, tile, sm)) return;
+  auto& xs = sm.xs;
+  auto& as = sm.as;
+  const int* row_tok = sm.row_tok;
+  const int* row_pair = sm.row_pair;
   const int nsteps = static_cast<int>(lora::shrink_num_steps(p.H, VEC));
-
-  // Stage loader: 2 x 16 rows x 32 lane chunks of 16 bytes.
   auto load_stage = [&](int stage, int j) {
-    for (int idx = tid(); idx < (ROWS + COLS) * 32; idx += nthreads()) {
-      const int r = idx >> 5;
-      const int c = idx & 31;
-      const int64_t h0 = static_cast<int64_t>(j) * STEP + static_cast<int64_t>(c) * VEC;
-      const T* src = x;
-      bool ok;
-      uint4* dst;
-      if (r < ROWS) {
-        const int tok = row_tok[r];
-        ok = tok >= 0;
-        if (ok) src = x + static_cast<int64_t>(tok) * p.sxt + h0;
-        dst = &xs[stage][r][c];
-      } else {
-        const int n = n0 + (r - ROWS);
-        ok = n < n_used;
-        if (ok) {
-          src = a + static_cast<int64_t>(slot) * p.sa0 + lora::combined_slice(n, p.S) * p.sa1 +
-                lora::combined_row(n, p.S) * p.sa2 + h0;
-        } else {
-          src = a;
-        }
-        dst = &as[stage][r - ROWS][c];
-      }
-      if (VEC_OK) {
-        // H % VEC == 0: the 16 bytes are entirely inside or outside the row.
-        const bool in = ok && h0 < p.H;
-        cp_async16(dst, in ? static_cast<const void*>(src) : static_cast<const void*>(a), in ? 16 : 0);
-      } else {
-        T e[VEC];
-#pragma unroll
-        for (int q = 0; q < VEC; ++q) e[q] = (ok && h0 + q < p.H) ? src[q] : from_float<T>(0.0f);
-        std::memcpy(dst, e, 16);
-      }
-    }
+    sgmv_shrink_load_stage<T, VEC_OK>(p, tile, row_tok, xs[stage], as[stage], j);
   };
 
   const int wi = warp_id();
   const int mrow0 = (wi >> 2) * 4;
   const int ncol0 = (wi & 3) * 4;
   const int lane = lane_id();
-  const bool warp_active = (m0 + mrow0 < len) && (n0 + ncol0 < n_used);
+  const bool warp_active = (tile.m0 + mrow0 < tile.len) && (tile.n0 + ncol0 < tile.n_used);
   float acc[16];
 #pragma unroll
   for (int q = 0; q < 16; ++q) acc[q] = 0.0f;
@@ -333,8 +373,8 @@ PLLM_KERNEL(lora::kSgmvShrinkThreads) lora_shrink_sgmv_kernel(const ShrinkParams
   if (warp_active && (lane & 1) == 0) {
     const int q = lora::rs_value_index(lane, 4);
     const int m = mrow0 + (q >> 2);
-    const int n = n0 + ncol0 + (q & 3);
-    if (row_tok[m] >= 0 && n < n_used) {
+    const int n = tile.n0 + ncol0 + (q & 3);
+    if (row_tok[m] >= 0 && n < tile.n_used) {
       const int64_t so0 = static_cast<int64_t>(p.K) * p.T * p.R;
       p.out[lora::combined_slice(n, p.S) * so0 + static_cast<int64_t>(row_pair[m]) * p.R +
             lora::combined_row(n, p.S)] = total;
@@ -359,76 +399,16 @@ PLLM_KERNEL(lora::kSgmvShrinkThreads) lora_shrink_sgmv_tc_kernel(const ShrinkPar
   constexpr int COLS = lora::kSgmvShrinkCols;
   static_assert(ROWS == 16 && COLS == 16 && STEP == 16 * (lora::kSgmvShrinkThreads / 32),
                 "one mma k-chunk per warp and stage, two n-halves per tile");
-  PLLM_SMEM uint4 xs[2][ROWS][32];
-  PLLM_SMEM uint4 as[2][COLS][32];
-  PLLM_SMEM int row_tok[ROWS];
-  PLLM_SMEM int row_pair[ROWS];
-
-  const int seg = bid_x();
-  const int kc = seg / p.G;
-  const int64_t seg_idx = static_cast<int64_t>(kc) * p.G + (seg - kc * p.G);
-  const int slot = p.seg_slot[seg_idx];
-  if (!lora::slot_valid(slot, p.L)) return;
-  const int rank = lora::clamp_rank(p.ranks[slot], p.R);
-  const int n_used = rank * p.S;
-  const int n0 = bid_y() * COLS;
-  if (n0 >= n_used) return;
-  const int m0 = bid_z() * ROWS;
-  const int start = p.seg_start[seg_idx];
-  const int len = p.seg_len[seg_idx] < p.chunk ? p.seg_len[seg_idx] : p.chunk;
-  if (m0 >= len) return;
-
-  if (tid() < ROWS) {
-    const int m = m0 + tid();
-    const int64_t pos = static_cast<int64_t>(start) + m;
-    int64_t tok = -1, pr = -1;
-    if (m < len && pos >= static_cast<int64_t>(kc) * p.T && pos < static_cast<int64_t>(kc + 1) * p.T) {
-      pr = p.pairs[pos];
-      tok = lora::sgmv_row_token(m, len, p.chunk, pos, pr, kc, p.T);
-    }
-    row_tok[tid()] = static_cast<int>(tok);
-    row_pair[tid()] = tok >= 0 ? static_cast<int>(pr) : -1;
-  }
-  sync_block();
-
-  const T* x = static_cast<const T*>(p.x);
-  const T* a = static_cast<const T*>(p.a);
+  PLLM_SMEM SgmvShrinkSmem sm;
+  SgmvShrinkTile tile;
+  if (!sgmv_shrink_begin(p, tile, sm)) return;
+  auto& xs = sm.xs;
+  auto& as = sm.as;
+  const int* row_tok = sm.row_tok;
+  const int* row_pair = sm.row_pair;
   const int nsteps = static_cast<int>(lora::shrink_num_steps(p.H, VEC));
-
   auto load_stage = [&](int stage, int j) {
-    for (int idx = tid(); idx < (ROWS + COLS) * 32; idx += nthreads()) {
-      const int r = idx >> 5;
-      const int c = idx & 31;
-      const int64_t h0 = static_cast<int64_t>(j) * STEP + static_cast<int64_t>(c) * VEC;
-      const T* src = x;
-      bool ok;
-      uint4* dst;
-      if (r < ROWS) {
-        const int tok = row_tok[r];
-        ok = tok >= 0;
-        if (ok) src = x + static_cast<int64_t>(tok) * p.sxt + h0;
-        dst = &xs[stage][r][c];
-      } else {
-        const int n = n0 + (r - ROWS);
-        ok = n < n_used;
-        if (ok) {
-          src = a + static_cast<int64_t>(slot) * p.sa0 + lora::combined_slice(n, p.S) * p.sa1 +
-                lora::combined_row(n, p.S) * p.sa2 + h0;
-        } else {
-          src = a;
-        }
-        dst = &as[stage][r - ROWS][c];
-      }
-      if (VEC_OK) {
-        const bool in = ok && h0 < p.H;
-        cp_async16(dst, in ? static_cast<const void*>(src) : static_cast<const void*>(a), in ? 16 : 0);
-      } else {
-        T e[VEC];
-#pragma unroll
-        for (int q = 0; q < VEC; ++q) e[q] = (ok && h0 + q < p.H) ? src[q] : from_float<T>(0.0f);
-        std::memcpy(dst, e, 16);
-      }
-    }
+    sgmv_shrink_load_stage<T, VEC_OK>(p, tile, row_tok, xs[stage], as[stage], j);
   };
 
   const int w = warp_id();
@@ -480,8 +460,8 @@ PLLM_KERNEL(lora::kSgmvShrinkThreads) lora_shrink_sgmv_tc_kernel(const ShrinkPar
   if (tid() < ROWS * COLS) {
     const int row = tid() / COLS;
     const int col = tid() % COLS;
-    const int n = n0 + col;
-    if (row_tok[row] >= 0 && n < n_used) {
+    const int n = tile.n0 + col;
+    if (row_tok[row] >= 0 && n < tile.n_used) {
       float total = red[row * COLS + col];
       for (int q = 1; q < lora::kSgmvShrinkThreads / 32; ++q) total += red[(q * ROWS + row) * COLS + col];
       const int64_t so0 = static_cast<int64_t>(p.K) * p.T * p.R;

@@ -32,8 +32,7 @@ inline void reward_check_sizes(int64_t B, int64_t V) {
 }
 
 inline void reward_check_ptr(uintptr_t q, const char* name, int align) {
-  PLLM_CHECK(q != 0, "reward_guided: " << name << ": null pointer");
-  PLLM_CHECK(q % align == 0, "reward_guided: " << name << ": pointer not " << align << "-byte aligned");
+  check_arg_ptr(q, "reward_guided", name, align);
 }
 
 inline RewardParams reward_params(uintptr_t out, uintptr_t logits, uintptr_t cand, uintptr_t reward, uintptr_t beta,

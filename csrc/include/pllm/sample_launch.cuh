@@ -38,8 +38,7 @@ inline void sample_tokens_entry(uintptr_t tokens, uintptr_t logprobs, uintptr_t 
   if (B == 0) return;
   SampleParams p{};
   const auto check_ptr = [](uintptr_t q, const char* name, int align) {
-    PLLM_CHECK(q != 0, "sample_tokens: " << name << ": null pointer");
-    PLLM_CHECK(q % align == 0, "sample_tokens: " << name << ": pointer not " << align << "-byte aligned");
+    check_arg_ptr(q, "sample_tokens", name, align);
   };
   check_ptr(tokens, "tokens", 8);
   check_ptr(logprobs, "logprobs", 4);
