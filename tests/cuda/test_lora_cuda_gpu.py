@@ -385,7 +385,7 @@ def test_side_stream_same_bits():
 
 
 @pytest.mark.skipif(ON_EMU, reason="CUDA graphs: GPU only")
-@pytest.mark.parametrize("path", ["auto", "bgmv", "sgmv", "fused"])
+@pytest.mark.parametrize("path", ["auto", "bgmv", "sgmv", "fused", "sgmv_tc"])
 def test_cuda_graph_capture_and_replay(path):
     """Capture the routing fill and lora_apply in one graph, replay with new slots: same bits as eager launches."""
     T, L = 48, 6

@@ -243,6 +243,55 @@ def test_fused_sample_op_cuda_equals_triton():
     assert (lp_cuda - lp_tri).abs().max().item() <= 1e-4
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_fused_sample_row_alone_equals_row_in_batch(dtype):
+    args = _fused_case("small", dtype, 9)
+    tok, lp = run_fused_cuda(*args, ON_EMU)
+    for i in (0, 3, 7):
+        one = [t[:, i : i + 1] if j == 0 else t[i : i + 1] for j, t in enumerate(args)]
+        t1, l1 = run_fused_cuda(*one, ON_EMU)
+        _sync()
+        assert int(t1) == int(tok[i])
+        assert_bitwise_equal(l1.cpu(), lp[i : i + 1].cpu(), msg=f"row {i} alone vs in the batch")
+
+
+@pytest.mark.skipif(ON_EMU, reason="CUDA graphs: GPU only")
+def test_fused_sample_cuda_graph_capture_and_replay():
+    """The three launches of fused_sample captured in one CUDA graph, replayed on new logits / rewards / seeds: the
+    eager launches' tokens and bits."""
+    bufs = [t.clone() for t in _fused_case("small", torch.bfloat16, 21)]
+    B = bufs[0].shape[1]
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        run_fused_cuda(*bufs, False)
+    torch.cuda.current_stream().wait_stream(s)
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        tok, lp = run_fused_cuda(*bufs, False)
+    for seed in range(3):
+        new = _fused_case("small", torch.bfloat16, 30 + seed)
+        for buf, t in zip(bufs, new):
+            buf.copy_(t)
+        g.replay()
+        torch.cuda.synchronize()
+        want_tok, want_lp = run_fused_cuda(*new, False)
+        torch.cuda.synchronize()
+        assert torch.equal(tok, want_tok) and tok.shape == (B,), f"replay {seed}"
+        assert_bitwise_equal(lp, want_lp, msg=f"replay {seed}")
+
+
+@pytest.mark.skipif(ON_EMU, reason="compares the GPU with the emulator")
+def test_fused_sample_device_bits_equal_the_emulator():
+    args = _fused_case("small", torch.float16, 41)
+    tok, lp = run_fused_cuda(*args, False)
+    torch.cuda.synchronize()
+    tok_e, lp_e = run_fused_cuda(*[t.cpu() for t in args], True)
+    assert torch.equal(tok.cpu(), tok_e)
+    assert_bitwise_equal(lp.cpu(), lp_e, msg="device vs emulator")
+
+
 def test_sanitizer_fused_sample():
     """fused_sample's three launches on tiny rows (the guidance kernel's separate-candidate variants)."""
     for dtype in DTYPES:
