@@ -60,6 +60,20 @@ void pllm_lora_apply(uintptr_t y, uintptr_t x, uintptr_t lora_a, uintptr_t lora_
                          b_stride0, b_stride1, dtype, path, device_env(stream, "lora_apply"));
 }
 
+void pllm_lora_apply_sliced(const std::vector<uintptr_t>& ys, const std::vector<int64_t>& y_strides, uintptr_t x,
+                             uintptr_t lora_a, uintptr_t lora_b, uintptr_t slot_ranks, uintptr_t slot_scales,
+                             uintptr_t token_slots, uintptr_t token_weights, uintptr_t sorted_pairs, uintptr_t seg_slot,
+                             uintptr_t seg_start, uintptr_t seg_len, uintptr_t v_scratch, int64_t num_tokens,
+                             int64_t h_in, int64_t num_slots, int64_t num_slices, int64_t max_rank, int64_t k,
+                             int64_t num_chunks, int64_t chunk, const std::vector<int64_t>& slice_sizes,
+                             int64_t x_stride0, int64_t a_stride0, int64_t a_stride1, int64_t a_stride2,
+                             int64_t b_stride0, int64_t b_stride1, int dtype, int path, uintptr_t stream) {
+  pllm::dev::apply_sliced_entry(ys, y_strides, x, lora_a, lora_b, slot_ranks, slot_scales, token_slots, token_weights,
+                               sorted_pairs, seg_slot, seg_start, seg_len, v_scratch, num_tokens, h_in, num_slots,
+                               num_slices, max_rank, k, num_chunks, chunk, slice_sizes, x_stride0, a_stride0,
+                               a_stride1, a_stride2, b_stride0, b_stride1, dtype, path, device_env(stream, "lora_apply"));
+}
+
 int pllm_lora_choose_path(int path, int op, int64_t num_tokens, int64_t k, int64_t num_slices, int64_t max_rank,
                           int64_t h_in, int dtype) {
   const int esize = pllm::dtype_size(dtype);

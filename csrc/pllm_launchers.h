@@ -49,6 +49,24 @@ void pllm_lora_expand(uintptr_t y, uintptr_t v, uintptr_t lora_b, uintptr_t slot
                       int64_t k, int64_t num_chunks, int64_t chunk, const std::vector<int64_t>& slice_sizes,
                       int64_t y_stride0, int64_t b_stride0, int64_t b_stride1, int dtype, int path, uintptr_t stream);
 // v_scratch: (S, K*T, R) float32 for the sgmv / bgmv paths (shrink then expand); may be 0 when the path is fused.
+// lora_apply with one output per slice: ys[s] (row stride y_strides[s], unit column stride) receives slice s's columns
+// (S <= 8). Same kernels, paths and bits as pllm_lora_apply.
+void pllm_lora_apply_sliced(const std::vector<uintptr_t>& ys, const std::vector<int64_t>& y_strides, uintptr_t x,
+                             uintptr_t lora_a, uintptr_t lora_b, uintptr_t slot_ranks, uintptr_t slot_scales,
+                             uintptr_t token_slots, uintptr_t token_weights, uintptr_t sorted_pairs, uintptr_t seg_slot,
+                             uintptr_t seg_start, uintptr_t seg_len, uintptr_t v_scratch, int64_t num_tokens,
+                             int64_t h_in, int64_t num_slots, int64_t num_slices, int64_t max_rank, int64_t k,
+                             int64_t num_chunks, int64_t chunk, const std::vector<int64_t>& slice_sizes,
+                             int64_t x_stride0, int64_t a_stride0, int64_t a_stride1, int64_t a_stride2,
+                             int64_t b_stride0, int64_t b_stride1, int dtype, int path, uintptr_t stream);
+void pllm_lora_apply_sliced_emu(const std::vector<uintptr_t>& ys, const std::vector<int64_t>& y_strides, uintptr_t x,
+                             uintptr_t lora_a, uintptr_t lora_b, uintptr_t slot_ranks, uintptr_t slot_scales,
+                             uintptr_t token_slots, uintptr_t token_weights, uintptr_t sorted_pairs, uintptr_t seg_slot,
+                             uintptr_t seg_start, uintptr_t seg_len, uintptr_t v_scratch, int64_t num_tokens,
+                             int64_t h_in, int64_t num_slots, int64_t num_slices, int64_t max_rank, int64_t k,
+                             int64_t num_chunks, int64_t chunk, const std::vector<int64_t>& slice_sizes,
+                             int64_t x_stride0, int64_t a_stride0, int64_t a_stride1, int64_t a_stride2,
+                             int64_t b_stride0, int64_t b_stride1, int dtype, int path, int num_sms);
 void pllm_lora_apply(uintptr_t y, uintptr_t x, uintptr_t lora_a, uintptr_t lora_b, uintptr_t slot_ranks,
                      uintptr_t slot_scales, uintptr_t token_slots, uintptr_t token_weights, uintptr_t sorted_pairs,
                      uintptr_t seg_slot, uintptr_t seg_start, uintptr_t seg_len, uintptr_t v_scratch,

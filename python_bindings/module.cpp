@@ -51,6 +51,11 @@ PYBIND11_MODULE(_C, m) {
   m.def("lora_shrink", &pllm_lora_shrink, shrink_doc);
   m.def("lora_expand", &pllm_lora_expand, expand_doc);
   m.def("lora_apply", &pllm_lora_apply, apply_doc);
+  m.def("lora_apply_sliced", &pllm_lora_apply_sliced,
+        "lora_apply_sliced(ys, y_strides, x, lora_a, ... as lora_apply without y / y_stride0 ...): lora_apply with one "
+        "output pointer and row stride per slice (at most 8 slices); same kernels and bits.");
+  m.def("lora_apply_sliced_emu", &pllm_lora_apply_sliced_emu,
+        "lora_apply_sliced on the CPU emulator (host pointers; last argument num_sms instead of the stream). Tests only.");
   m.def("lora_shrink_emu", &pllm_lora_shrink_emu,
         "lora_shrink on the CPU emulator (host pointers; last argument num_sms instead of the stream). Tests only.");
   m.def("lora_expand_emu", &pllm_lora_expand_emu,

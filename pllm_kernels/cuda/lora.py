@@ -48,6 +48,7 @@ _PATH_NAMES = {v: k for k, v in PATHS.items()}
 _OPS = {"shrink": 0, "expand": 1, "apply": 2}
 _DTYPES = DTYPE_CODES
 EMU_NUM_SMS = 132  # SM count the emulator plans for (launch choices only, never results)
+MAX_SLICED_OUTPUTS = 8  # lora::kMaxSlicesPerLaunch: per-slice outputs of one lora_apply launch
 _HALF = (torch.float16, torch.bfloat16)
 _TENSOR_CORES = [os.environ.get("PLLM_CUDA_TENSOR_CORES", "0").strip().lower() in ("1", "true", "yes", "on")]
 
@@ -249,14 +250,20 @@ def lora_apply_cuda(y, x, lora_a, lora_b, slot_ranks, slot_scales, token_slots, 
                     seg_slot, seg_start, seg_len, slice_sizes, *, chunk, path="auto", _emulate=False) -> None:
     """``y += sum_k w * scale * (x @ A.T) @ B.T`` per token and slice (shrink + expand, one update of y).
 
+    ``y``: ``(T, sum(slice_sizes))``, or a tuple / list of one output per slice (``(T, slice_sizes[s])`` each, any
+    row stride, at most 8 slices): slice ``s``'s columns go straight into ``y[s]`` (the q / k / v outputs of a
+    grouped projection), same kernels and bits.
     ``path="fused"`` (auto for ``T*K <= 8`` with a small A): one kernel, v in shared memory. Otherwise shrink into
     an fp32 ``(S, K*T, R)`` scratch and expand, both on the BGMV (``T*K <= 64``) or SGMV path. Same results on
-    every path, bit for bit."""
-    device = _device_of([y, x, lora_a, lora_b, slot_ranks, slot_scales, token_slots, token_weights, sorted_pairs,
+    every path, bit for bit (``sgmv_tc``: see the module docstring)."""
+    sliced = isinstance(y, (list, tuple))
+    ys = list(y) if sliced else [y]
+    device = _device_of([*ys, x, lora_a, lora_b, slot_ranks, slot_scales, token_slots, token_weights, sorted_pairs,
                          seg_slot, seg_start, seg_len], "apply", _emulate)
     dtype_code = _dtype_code(x.dtype)
     _check_act("x", x, x.dtype, 2, "apply")
-    _check_act("y", y, x.dtype, 2, "apply")
+    for i, t in enumerate(ys):
+        _check_act(f"y[{i}]" if sliced else "y", t, x.dtype, 2, "apply")
     _check_act("lora_a", lora_a, x.dtype, 4, "apply")
     _check_act("lora_b", lora_b, x.dtype, 3, "apply")
     T, H = x.shape
@@ -264,11 +271,17 @@ def lora_apply_cuda(y, x, lora_a, lora_b, slot_ranks, slot_scales, token_slots, 
     token_slots = _slots2d(token_slots)
     K = token_slots.shape[1]
     sizes = [int(n) for n in slice_sizes]
-    N = y.shape[1]
-    if (H_a != H or y.shape[0] != T or tuple(lora_b.shape) != (L, N, R) or sum(sizes) != N or len(sizes) != S
+    N = sum(sizes)
+    if sliced:
+        if len(ys) != S or len(ys) > MAX_SLICED_OUTPUTS or [t.shape for t in ys] != [(T, n) for n in sizes]:
+            raise RuntimeError(f"lora_apply_cuda: per-slice outputs must be {min(S, MAX_SLICED_OUTPUTS)} or fewer "
+                               f"tensors of shapes {[(T, n) for n in sizes]}, got {[tuple(t.shape) for t in ys]}")
+    elif y.shape[1] != N:
+        raise RuntimeError(f"lora_apply_cuda: y has {y.shape[1]} columns but slice_sizes sum to {N}")
+    if (H_a != H or ys[0].shape[0] != T or tuple(lora_b.shape) != (L, N, R) or len(sizes) != S
             or token_slots.shape[0] != T):
-        raise RuntimeError(f"lora_apply_cuda: shapes disagree: y {tuple(y.shape)}, x {tuple(x.shape)}, lora_a "
-                           f"{tuple(lora_a.shape)}, lora_b {tuple(lora_b.shape)}, slice_sizes {sizes}, "
+        raise RuntimeError(f"lora_apply_cuda: shapes disagree: y {[tuple(t.shape) for t in ys]}, x {tuple(x.shape)}, "
+                           f"lora_a {tuple(lora_a.shape)}, lora_b {tuple(lora_b.shape)}, slice_sizes {sizes}, "
                            f"token_slots {tuple(token_slots.shape)}")
     if T == 0 or R == 0:
         return
@@ -282,12 +295,22 @@ def lora_apply_cuda(y, x, lora_a, lora_b, slot_ranks, slot_scales, token_slots, 
     scratch = None
     if resolved != PATHS["fused"]:
         scratch = torch.empty((S, K * T, R), dtype=torch.float32, device=device)
-    target = _rmw_target(y)
-    args = [target.data_ptr(), x.data_ptr(), lora_a.data_ptr(), lora_b.data_ptr(), ranks.data_ptr(),
-            scales.data_ptr(), token_slots.data_ptr(), weights.data_ptr(), pairs.data_ptr(), seg_slot.data_ptr(),
-            seg_start.data_ptr(), seg_len.data_ptr(), 0 if scratch is None else scratch.data_ptr(),
-            T, H, L, S, R, K, G, int(chunk), sizes, x.stride(0), lora_a.stride(0), lora_a.stride(1),
-            lora_a.stride(2), target.stride(0), lora_b.stride(0), lora_b.stride(1), dtype_code, resolved]
-    _run("apply", args, device, _emulate)
-    if target is not y:
-        y.copy_(target)
+    targets = [_rmw_target(t) for t in ys]
+    common = [x.data_ptr(), lora_a.data_ptr(), lora_b.data_ptr(), ranks.data_ptr(), scales.data_ptr(),
+              token_slots.data_ptr(), weights.data_ptr(), pairs.data_ptr(), seg_slot.data_ptr(), seg_start.data_ptr(),
+              seg_len.data_ptr(), 0 if scratch is None else scratch.data_ptr(), T, H, L, S, R, K, G, int(chunk), sizes,
+              x.stride(0), lora_a.stride(0), lora_a.stride(1), lora_a.stride(2)]
+    if sliced:
+        args = [[t.data_ptr() for t in targets], [t.stride(0) for t in targets], *common, lora_b.stride(0),
+                lora_b.stride(1), dtype_code, resolved]
+        _run("apply_sliced", args, device, _emulate)
+    else:
+        args = [targets[0].data_ptr(), *common, targets[0].stride(0), lora_b.stride(0), lora_b.stride(1), dtype_code,
+                resolved]
+        _run("apply", args, device, _emulate)
+    for t, target in zip(ys, targets):
+        if target is not t:
+            t.copy_(target)
+
+
+lora_apply_cuda.sliced_outputs = True  # the op layer passes per-slice outputs straight through (<= 8 slices)

@@ -42,6 +42,11 @@ def _cuda():
     return cu_lora
 
 
+def _launcher(name: str):
+    """The lora_apply launcher of backend ``name`` (for its capability attributes)."""
+    return _triton().lora_apply_triton if name == "triton" else _cuda().lora_apply_cuda
+
+
 def _cuda_supports(device, dtype):
     return _cuda().supports(device, dtype)
 
@@ -189,18 +194,14 @@ def _lora_apply_sliced_impl(
     strategy: str,
 ) -> None:
     """``lora_apply`` with one output tensor per slice. Backends whose launcher takes per-slice outputs write
-    them directly (torch; Triton when ``lora_apply_triton.sliced_outputs``); the others (the CUDA kernels: one
-    ``y``) run on one temporary ``(T, sum(slice_sizes))`` that is then added into each output on the touched rows,
-    so ``auto`` sends such calls to Triton instead."""
+    them directly (torch; Triton when ``lora_apply_triton.sliced_outputs``; the CUDA kernels for up to 8 slices);
+    otherwise one temporary ``(T, sum(slice_sizes))`` is then added into each output on the touched rows."""
     name, impl = _pick(_APPLY, backend, x.device, x.dtype, token_slots.numel())
-    if name == "cuda" and backend == "auto" and _APPLY.impls["triton"] is not None \
-            and getattr(_triton().lora_apply_triton, "sliced_outputs", False):
-        name, impl = "triton", _APPLY.impls["triton"]  # one launch into every output beats a temporary + adds
     if name == "torch":
         impl.fn(list(ys), x, lora_a, lora_b, slot_ranks, slot_scales, token_slots, token_weights, sorted_pairs,
                 slice_sizes, strategy=strategy)
         return
-    if name == "triton" and getattr(_triton().lora_apply_triton, "sliced_outputs", False):
+    if getattr(_launcher(name), "sliced_outputs", False) and (name != "cuda" or len(ys) <= _cuda().MAX_SLICED_OUTPUTS):
         impl.fn(tuple(ys), x, lora_a, lora_b, slot_ranks, slot_scales, token_slots, token_weights, sorted_pairs,
                 seg_slot, seg_start, seg_len, tuple(slice_sizes), chunk=chunk)
         return

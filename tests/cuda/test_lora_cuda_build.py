@@ -592,6 +592,85 @@ def test_emulated_batch_invariance(dtype, K, emu_mode):
         assert_bitwise_equal(part["y"], full["y"][lo:hi], msg=f"tokens {lo}:{hi} ({want}) vs the batch of 70")
 
 
+# ------------------------------------------------------------------------------------------------ per-slice outputs
+def _slice_outputs(d, sizes, layout):
+    """One output per slice, cut from the case's y (copies): contiguous, every other row of a taller buffer (row
+    stride), or a column slice of a wider one; -0.0 planted in every other column (untouched rows keep it)."""
+    outs, bufs = [], []
+    off = 0
+    for n in sizes:
+        part = d["y"][:, off : off + n].clone()
+        off += n
+        T = part.shape[0]
+        if layout == "rowstride":
+            buf = torch.randn(2 * T, n, generator=_gen("rs", n)).to(part.dtype)
+            view = buf[::2]
+        elif layout == "colslice":
+            buf = torch.randn(T, n + 9, generator=_gen("cs", n)).to(part.dtype)
+            view = buf[:, 5 : 5 + n]
+        else:
+            buf = part
+            view = buf
+        view.copy_(part)
+        view[:, ::2] = -0.0
+        outs.append(view)
+        bufs.append(buf)
+    return outs, bufs
+
+
+@needs_ext
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("name", ["qkv_k2", "six_slices", "decode", "misaligned", "long_segments"])
+@pytest.mark.parametrize("layout", ["contig", "rowstride", "colslice"])
+def test_emulated_apply_per_slice_outputs(name, dtype, layout):
+    """``lora_apply_cuda(y=[y_0, ..., y_{S-1}])`` (the q / k / v outputs of a grouped projection): on every path the
+    same bits as the single-output call, rows without adapter (and the bytes around each output) untouched."""
+    from pllm_kernels.cuda.lora import lora_apply_cuda
+
+    case = CASES[name]
+    paths = _paths(case, "apply") + ["auto"] + (["sgmv_tc"] if dtype != torch.float32 else [])
+    for path in paths:
+        d = _build(case, dtype, _gen("sliced", name, dtype))
+        outs, bufs = _slice_outputs(d, case.sizes, layout)
+        y0 = torch.cat([o.clone() for o in outs], 1)
+        bufs0 = [b.clone() for b in bufs]
+        single = y0.clone()
+        m = d["meta"]
+        args = (d["x"], d["lora_a"], d["lora_b"], d["ranks"], d["scales"], m.token_slots, m.token_weights,
+                m.sorted_pairs, m.seg_slot, m.seg_start, m.seg_len, case.sizes)
+        lora_apply_cuda(single, *args, chunk=m.chunk, path=path, _emulate=True)
+        lora_apply_cuda(outs, *args, chunk=m.chunk, path=path, _emulate=True)
+        assert_bitwise_equal(torch.cat(outs, 1), single, msg=f"per-slice vs one y [{path}]")
+        has = ((d["slots"] >= 0) & (d["slots"] < case.L)).any(1)
+        assert_bitwise_equal(torch.cat(outs, 1)[~has], y0[~has], msg=f"rows without adapter [{path}]")
+        for b, b0, o in zip(bufs, bufs0, outs):
+            if b is not o:
+                mask = torch.ones_like(b, dtype=torch.bool)
+                if layout == "rowstride":
+                    mask[::2] = False
+                else:
+                    mask[:, 5 : 5 + o.shape[1]] = False
+                assert_bitwise_equal(b[mask], b0[mask], msg=f"bytes around the output [{path}]")
+
+
+@needs_ext
+def test_emulated_per_slice_outputs_errors():
+    from pllm_kernels.cuda.lora import lora_apply_cuda
+
+    case = CASES["qkv_k2"]
+    d = _build(case, torch.float16, _gen("sliced_err"))
+    outs, _ = _slice_outputs(d, case.sizes, "contig")
+    m = d["meta"]
+    args = (d["x"], d["lora_a"], d["lora_b"], d["ranks"], d["scales"], m.token_slots, m.token_weights,
+            m.sorted_pairs, m.seg_slot, m.seg_start, m.seg_len, case.sizes)
+    with pytest.raises(RuntimeError, match="per-slice outputs"):
+        lora_apply_cuda(outs[:2], *args, chunk=m.chunk, _emulate=True)
+    with pytest.raises(RuntimeError, match="per-slice outputs"):
+        lora_apply_cuda([outs[0][:, :-1], *outs[1:]], *args, chunk=m.chunk, _emulate=True)
+    with pytest.raises(RuntimeError, match="dtype"):
+        lora_apply_cuda([outs[0].float(), *outs[1:]], *args, chunk=m.chunk, _emulate=True)
+
+
 # ------------------------------------------------------------------------------------------------ tensor cores
 HALF = [torch.float16, torch.bfloat16]
 
@@ -880,3 +959,38 @@ def test_sass_tensor_cores_only_in_the_tensor_core_kernels():
             assert not hmma, f"{name} uses tensor cores: {hmma[:2]}"
     assert len(tc) == 4 and all(n == 2 for n in tc.values()), tc  # 4 variants, each for sm_80 and sm_90
     assert other
+
+
+def test_op_sends_per_slice_outputs_to_cuda(monkeypatch):
+    """The op layer hands per-slice outputs straight to the CUDA launcher (one launch) for up to 8 slices, and runs
+    more slices on one temporary + adds (the single-output launcher); the results equal the torch backend's."""
+    from pllm_kernels.ops import lora as ops_lora
+
+    table = ops_lora._APPLY
+    seen = []
+
+    def fake(y, *a, **k):  # the torch backend standing in for the CUDA launcher (no device here)
+        seen.append(type(y).__name__)
+        sizes = a[11]
+        from pllm_kernels.torch_ops.lora import lora_apply_torch
+
+        lora_apply_torch(list(y) if isinstance(y, tuple) else y, *a[:8], list(sizes))
+
+    monkeypatch.setattr(table, "pick", lambda backend, device, dtype: ("cuda", ops_lora.Impl(fake)))
+    for S in (3, 10):
+        sizes = [4 + i for i in range(S)]
+        c_meta = build_lora_meta(torch.tensor([[0], [1], [-1], [0]], dtype=torch.int32), 2,
+                                 torch.ones(4, 1))
+        g = _gen("op_sliced", S)
+        x = torch.randn(4, 16, generator=g)
+        a = torch.randn(2, S, 4, 16, generator=g)
+        b = torch.randn(2, sum(sizes), 4, generator=g)
+        ranks, scales = torch.tensor([4, 2], dtype=torch.int32), torch.tensor([1.0, 0.5])
+        outs = [torch.randn(4, n, generator=g) for n in sizes]
+        want = [o.clone() for o in outs]
+        ops_lora.lora_apply(want, x, a, b, ranks, scales, c_meta, sizes, backend="torch")
+        seen.clear()
+        ops_lora.lora_apply(outs, x, a, b, ranks, scales, c_meta, sizes, backend="cuda")
+        assert seen == (["tuple"] if S <= 8 else ["Tensor"]), (S, seen)
+        for o, w in zip(outs, want):
+            assert_close(o, w, torch.float32)

@@ -165,6 +165,35 @@ def _offset_copy(t: torch.Tensor) -> torch.Tensor:
 
 # ------------------------------------------------------------------------------------------------ vs reference
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("name", _case_params(["decode_qkv_r16", "prefill_two_slices", "six_slices_k2",
+                                               "small_fused_k2", "ten_slices_k3"]))
+def test_per_slice_outputs_equal_one_output(name, dtype):
+    """lora_apply with one output tensor per slice (the grouped q / k / v outputs; row-strided views here): on every
+    path the bits of the single-output call (more than 8 slices: refused with a clear error)."""
+    from pllm_kernels.cuda.lora import MAX_SLICED_OUTPUTS
+
+    c = _case(name, dtype, seed=4)
+    sizes = _sizes(c)
+    y0 = c.y.clone()
+    for path in _apply_paths(c) + ["sgmv_tc"]:
+        single = cuda_apply(c, y0.clone(), path)
+        bufs = [torch.zeros(2 * y0.shape[0], n, dtype=dtype, device=DEVICE) for n in sizes]
+        outs = [b[::2] for b in bufs]
+        off = 0
+        for o, n in zip(outs, sizes):
+            o.copy_(y0[:, off : off + n])
+            off += n
+        if len(sizes) > MAX_SLICED_OUTPUTS:
+            with pytest.raises(RuntimeError, match="per-slice outputs"):
+                cuda_apply(c, outs, path)
+            return
+        cuda_apply(c, outs, path)
+        _sync()
+        assert_bitwise_equal(torch.cat(outs, 1).cpu(), single.cpu(), msg=f"{name} per-slice [{path}]")
+        assert all(bool((b[1::2] == 0).all()) for b in bufs), "rows between the strided outputs written"
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("name", _case_params(["odd2049_mixed_k2", "prefill_two_slices", "prefill_noncontig",
                                                "rank128_chunk64", "six_slices_k2", "ten_slices_k3", "odd111_r64",
                                                "all_none"]))

@@ -39,6 +39,15 @@ struct ShrinkParams {
   int64_t sxt, sa0, sa1, sa2;
 };
 
+// Per-slice outputs (lora_apply with one output tensor per slice, e.g. the q / k / v projections): slice s of the
+// launch writes row t, column j of its own output at ptr[s] + t * stride[s] + j; `on` = 0: the slices are column
+// ranges of y. One slice group only (S <= kMaxSlicesPerLaunch).
+struct YSlices {
+  void* ptr[lora::kMaxSlicesPerLaunch];
+  int64_t stride[lora::kMaxSlicesPerLaunch];
+  int on;
+};
+
 struct ExpandParams {
   void* y;                   // (T, N)
   const float* v;            // (S, K*T, R)
@@ -54,6 +63,7 @@ struct ExpandParams {
   int T, L, R, K, G, chunk, S;
   int64_t syt, sb0, sb1;
   lora::SliceGroup grp;
+  YSlices ys;
 };
 
 struct FusedParams {
@@ -68,7 +78,16 @@ struct FusedParams {
   int T, H, L, S, R, K;
   int64_t sxt, sa0, sa1, sa2, syt, sb0, sb1;
   lora::SliceGroup grp;      // all S slices (S <= kMaxSlicesPerLaunch)
+  YSlices ys;
 };
+
+// The output element of token t, column col of slice tp.slice of the launch's slice group: in y (at the slice's
+// column offset) or in that slice's own output (YSlices).
+template <typename T>
+PLLM_DEV T* y_elem(void* y, int64_t syt, const YSlices& ys, const lora::TilePos& tp, int t, int col) {
+  if (ys.on) return static_cast<T*>(ys.ptr[tp.slice]) + static_cast<int64_t>(t) * ys.stride[tp.slice] + col;
+  return static_cast<T*>(y) + static_cast<int64_t>(t) * syt + tp.off + col;
+}
 
 // Slot of pair (t, k) if routed (valid id), else -1; and its clamped rank.
 PLLM_DEV int routed_slot(const int32_t* slots, int t, int k, int K, int L) {
@@ -563,7 +582,7 @@ PLLM_KERNEL_MB(lora::kExpandBgmvThreads, 4) lora_expand_bgmv_kernel(const Expand
     const float dot = expand_dot<T, VEC_OK, RCAP>(vs + static_cast<int64_t>(k) * p.R, 1, brow, rank);
     d = fmaf(ks_coef[k], dot, d);
   }
-  y_update<T>(static_cast<T*>(p.y) + static_cast<int64_t>(t) * p.syt + c, d);
+  y_update<T>(y_elem<T>(p.y, p.syt, p.ys, tp, t, col), d);
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -701,7 +720,6 @@ PLLM_KERNEL(lora::kSgmvExpandThreads) lora_expand_sgmv_kernel(const ExpandParams
   const int t = row_tok[tm];
   if (t < 0) return;
   const float coef = row_coef[tm];
-  T* y_row = static_cast<T*>(p.y) + static_cast<int64_t>(t) * p.syt;
 #pragma unroll
   for (int bb = 0; bb < 4; ++bb) {
     const int col = tp.tile * COLS + tn + 16 * bb;
@@ -719,7 +737,7 @@ PLLM_KERNEL(lora::kSgmvExpandThreads) lora_expand_sgmv_kernel(const ExpandParams
       const float dot = expand_dot<T, VEC_OK, 0>(v_s + (static_cast<int64_t>(k) * p.T + t) * p.R, 1, brow, rk);
       d = fmaf(ck, dot, d);
     }
-    y_update<T>(y_row + c, d);
+    y_update<T>(y_elem<T>(p.y, p.syt, p.ys, tp, t, col), d);
   }
 }
 
@@ -801,7 +819,6 @@ PLLM_KERNEL(lora::kFusedThreads) lora_fused_kernel(const FusedParams p) {
 
   // Phase 2: expand this block's tiles.
   const T* b = static_cast<const T*>(p.b);
-  T* y_row = static_cast<T*>(p.y) + static_cast<int64_t>(t) * p.syt;
   const int total_tiles = p.grp.tile_start[p.grp.count];
   for (int j = bid_y(); j < total_tiles; j += grid_y()) {
     const lora::TilePos tp = lora::tile_slice(p.grp, j);
@@ -817,7 +834,7 @@ PLLM_KERNEL(lora::kFusedThreads) lora_fused_kernel(const FusedParams p) {
       const float dot = expand_dot<T, VEC_OK, 0>(vs + static_cast<int64_t>(k) * RS + s, p.S, brow, rank);
       d = fmaf(ks_coef[k], dot, d);
     }
-    y_update<T>(y_row + c, d);
+    y_update<T>(y_elem<T>(p.y, p.syt, p.ys, tp, t, col), d);
   }
 }
 

@@ -367,6 +367,43 @@ inline void apply_entry(uintptr_t y, uintptr_t x, uintptr_t lora_a, uintptr_t lo
   apply_launch(f, sp, ep, slice_sizes, dtype, path, env);
 }
 
+// lora_apply with one output per slice (`ys[s]` with row stride `y_strides[s]`, unit column stride): the same kernels,
+// each slice's columns written into its own tensor; at most kMaxSlicesPerLaunch slices (one slice group).
+inline void apply_sliced_entry(const std::vector<uintptr_t>& ys, const std::vector<int64_t>& y_strides, uintptr_t x,
+                               uintptr_t lora_a, uintptr_t lora_b, uintptr_t slot_ranks, uintptr_t slot_scales,
+                               uintptr_t token_slots, uintptr_t token_weights, uintptr_t sorted_pairs,
+                               uintptr_t seg_slot, uintptr_t seg_start, uintptr_t seg_len, uintptr_t v_scratch,
+                               int64_t T, int64_t H, int64_t L, int64_t S, int64_t R, int64_t K, int64_t G,
+                               int64_t chunk, const std::vector<int64_t>& slice_sizes, int64_t sxt, int64_t sa0,
+                               int64_t sa1, int64_t sa2, int64_t sb0, int64_t sb1, int dtype, int path,
+                               const LaunchEnv& env) {
+  PLLM_CHECK(S >= 1 && S <= lora::kMaxSlicesPerLaunch,
+             "lora_apply: per-slice outputs take 1.." << lora::kMaxSlicesPerLaunch << " slices, got " << S);
+  PLLM_CHECK(static_cast<int64_t>(ys.size()) == S && static_cast<int64_t>(y_strides.size()) == S,
+             "lora_apply: one output pointer and row stride per slice: got " << ys.size() << " and "
+                                                                             << y_strides.size() << " for " << S);
+  const int esize = dtype_size(dtype);
+  PLLM_CHECK(esize > 0, "lora_apply: unsupported dtype code " << dtype);
+  YSlices sl{};
+  sl.on = 1;
+  for (int64_t q = 0; q < S; ++q) {
+    check_ptr(as_p<const void>(ys[q]), "y[s]", esize);
+    PLLM_CHECK(y_strides[q] >= 0, "y[" << q << "]: row stride must be >= 0");
+    sl.ptr[q] = as_p<void>(ys[q]);
+    sl.stride[q] = y_strides[q];
+  }
+  FusedParams f = make_fused_params(ys[0], x, lora_a, lora_b, slot_ranks, slot_scales, token_slots, token_weights,
+                                    T, H, L, S, R, K, sxt, sa0, sa1, sa2, y_strides[0], sb0, sb1);
+  const ShrinkParams sp = make_shrink_params(x, lora_a, slot_ranks, token_slots, sorted_pairs, seg_slot, seg_start,
+                                             seg_len, v_scratch, T, H, L, S, R, K, G, chunk, sxt, sa0, sa1, sa2);
+  ExpandParams ep = make_expand_params(ys[0], v_scratch, lora_b, slot_ranks, slot_scales, token_slots,
+                                       token_weights, sorted_pairs, seg_slot, seg_start, seg_len, T, L, R, K, G,
+                                       chunk, S, y_strides[0], sb0, sb1);
+  f.ys = sl;
+  ep.ys = sl;
+  apply_launch(f, sp, ep, slice_sizes, dtype, path, env);
+}
+
 #endif  // !PLLM_LORA_TYPED_ONLY
 
 #if defined(PLLM_LORA_DEFINE_LAUNCHERS)
