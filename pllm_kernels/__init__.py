@@ -9,13 +9,14 @@ from __future__ import annotations
 from pllm_kernels._version import __version__
 from pllm_kernels.batch import LoRAMetaBuffers, PersonalBatch, build_lora_meta  # noqa: E402
 from pllm_kernels.ops._backend import backend_table, default_backend, set_default_backend  # noqa: E402
-from pllm_kernels.ops.lora import lora_apply, lora_expand, lora_shrink  # noqa: E402
+from pllm_kernels.ops.lora import PreparedLoRA, lora_apply, lora_expand, lora_shrink, prepare_lora_apply  # noqa: E402
 from pllm_kernels.ops.meta import LoRAMeta  # noqa: E402
 
 __all__ = [
     "LoRAMeta",
     "LoRAMetaBuffers",
     "PersonalBatch",
+    "PreparedLoRA",
     "__version__",
     "backend_table",
     "build_lora_meta",
@@ -24,6 +25,7 @@ __all__ = [
     "lora_apply",
     "lora_expand",
     "lora_shrink",
+    "prepare_lora_apply",
     "set_default_backend",
 ]
 

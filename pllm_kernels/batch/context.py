@@ -194,8 +194,12 @@ class ForwardContext:
             if rep > 1:
                 row_slots = row_slots.repeat_interleave(rep, dim=0)
                 row_weights = row_weights.repeat_interleave(rep, dim=0)
-            batch = PersonalBatch.from_rows(row_slots, self.num_slots, row_weights,
-                                            active_slots=plan.active_slots, **layout)
+            # Outside inference mode: routing tensors with a version counter, so the values the layers derive
+            # from them (torch_ops.memo) are validated by (address, version) instead of a snapshot compare per
+            # layer call; normal tensors also serve both inference-mode and autograd forwards.
+            with torch.inference_mode(False):
+                batch = PersonalBatch.from_rows(row_slots, self.num_slots, row_weights,
+                                                active_slots=plan.active_slots, **layout)
         if plan.steering is not None:
             batch.steering = self._steering(plan, rep, layout)
         self.routing_builds = next(self._routing_builds)

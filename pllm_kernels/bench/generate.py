@@ -13,10 +13,13 @@ number of new tokens (EOS disabled). Backends: ``ours`` (patched model, one meta
 ``peft_mixed`` (PEFT's mixed batch on an identical copy), ``merged`` (one adapter merged into the weights:
 ``merge_and_unload``, the single-adapter ceiling); extra contenders (``--backend all-extra``, and the
 ``cpu-issue`` profile): ``peft_one`` (PEFT with one active adapter, ``set_adapter``, for every row), ``base`` (the
-model without adapters: a separate copy built from the same config and seed), ``ours_none`` (ours with
-``users=[None] * B``: every row without a user; its tokens must equal ``base``'s exactly in float32) and
+model without adapters, never patched; when ours is built too, on the patched model's very weight tensors, so
+that ``ours_none / base`` measures our overhead, not the placement of a second copy), ``ours_none`` (ours with
+``users=[None] * B``: every row without a user; its tokens must equal ``base``'s exactly in float32),
 ``ours_static`` (ours with ``generate(..., decode="static")``: our own decode loop over a static cache instead of
-HF's ``generate``; informative only, the targets compare ``ours``, which runs HF's loop like every baseline).
+HF's ``generate``; informative only, the targets compare ``ours``, which runs HF's loop like every baseline) and
+``merged_reads`` (the merged model plus one read of every user's adapter bytes in each linear layer's call: the
+memory-traffic floor of a mixed batch; ``merged_reads / merged`` bounds ``ours / merged`` from above).
 Figures: ``e2e_tok_s`` = B * new_tokens / generate time; ``decode_tok_s`` = B * (new_tokens - 1) /
 (time(new_tokens) - time(1)), the decode-only rate (medians: the median of the per-round differences). Targets (GPU):
 ours >= 5x peft_mixed decode at 32 users, ours within 15 % of merged; (CPU) ours faster than peft_mixed at 8 users.
@@ -55,7 +58,7 @@ from pllm_kernels.bench import harness as H
 
 CSV = "bench_generate.csv"
 BACKENDS = ("ours", "peft_mixed", "merged")
-EXTRA_BACKENDS = ("peft_one", "base", "ours_none", "ours_static")
+EXTRA_BACKENDS = ("peft_one", "base", "ours_none", "ours_static", "merged_reads")
 ALL_BACKENDS = BACKENDS + EXTRA_BACKENDS
 # the issue's CPU targets: (numerator, denominator) -> minimum ratio of median decode tok/s
 ISSUE_TARGETS = {("ours", "peft_mixed"): 2.0, ("ours", "merged"): 0.85, ("ours_none", "base"): 0.98}
@@ -171,15 +174,15 @@ def build_contenders(prof, n_users: int, backends) -> Contenders:
     c.base_bytes = sum(p.numel() * p.element_size() for n, p in base.named_parameters() if "embed_tokens" not in n)
     c.adapter_bytes = sum(t.numel() * t.element_size() for u in users for k, t in sds[u][0].items()
                           if "lora_" in k)
-    if "base" in backends:  # an identical, separate copy (same config and seed), never patched
-        plain = build_base(prof)
-        c.gens["base"] = lambda i, m, kw: plain.generate(input_ids=i, attention_mask=m, **kw)
     if "peft_one" in backends:  # one active adapter for every row (peft_mixed passes adapter_names, unaffected)
         peft_model.set_adapter(users[0])
         c.gens["peft_one"] = lambda i, m, kw: peft_model.generate(input_ids=i, attention_mask=m, **kw)
-    if "merged" in backends:
+    if "merged" in backends or "merged_reads" in backends:
         merged = copy.deepcopy(peft_model).merge_and_unload(adapter_names=[users[0]]).eval()
-        c.gens["merged"] = lambda i, m, kw: merged.generate(input_ids=i, attention_mask=m, **kw)
+        if "merged" in backends:
+            c.gens["merged"] = lambda i, m, kw: merged.generate(input_ids=i, attention_mask=m, **kw)
+        if "merged_reads" in backends:
+            c.gens["merged_reads"] = _with_adapter_reads(merged, specs, prof)
     if "peft_mixed" in backends:
         c.gens["peft_mixed"] = lambda i, m, kw: peft_model.generate(input_ids=i, attention_mask=m,
                                                                     adapter_names=users, **kw)
@@ -199,14 +202,42 @@ def build_contenders(prof, n_users: int, backends) -> Contenders:
                 return pm.generate(i, attention_mask=m, users=users, decode="static", **kw)
 
             c.gens["ours_static"] = static
+    if "base" in backends:  # never patched; on the patched model's very weight tensors when there is one
+        plain = build_base(prof)
+        if c.pm is not None:  # same memory: the ratio to ours_none is our overhead, not the allocator's placement
+            plain.load_state_dict(c.pm.model.state_dict(keep_vars=True), assign=True)
+        c.gens["base"] = lambda i, m, kw: plain.generate(input_ids=i, attention_mask=m, **kw)
     return c
+
+
+def _with_adapter_reads(model, specs: dict, prof):
+    """``generate`` of ``model`` (the merged one) plus, in every call of each of its linear layers but the LM head,
+    one read (``sum``) of a buffer as large as every user's adapter at that layer (``sum_u r_u * (in + out)``
+    elements: the bytes a mixed batch must read on top of the base weights): the memory-traffic floor of any
+    mixed-batch implementation, without its math. Hooks are attached for the call only."""
+    ranks = sum(s["r"] for s in specs.values())
+    dtype, device = prof["dtype"], prof["device"]
+    layers = [(mod, torch.rand(ranks * (mod.in_features + mod.out_features), dtype=dtype, device=device))
+              for name, mod in model.named_modules()
+              if isinstance(mod, torch.nn.Linear) and not name.endswith("lm_head")]
+
+    def gen(i, m, kw):
+        hooks = [mod.register_forward_hook(lambda _m, _a, _o, buf=buf: (buf.sum(), None)[1]) for mod, buf in layers]
+        try:
+            return model.generate(input_ids=i, attention_mask=m, **kw)
+        finally:
+            for h in hooks:
+                h.remove()
+
+    gen.read_bytes = sum(buf.numel() * buf.element_size() for _, buf in layers)
+    return gen
 
 
 def compared_rows(backend: str, users: list[str]) -> list[int]:
     """Rows of ``backend``'s output that must equal PEFT's per-user result: all of them, except for ``merged`` and
     ``peft_one`` (one adapter for everyone), whose rows of that user only. (``ours_none`` is compared with ``base``,
     every row.)"""
-    return [0] if backend in ("merged", "peft_one") else list(range(len(users)))
+    return [0] if backend in ("merged", "merged_reads", "peft_one") else list(range(len(users)))
 
 
 def _median(xs):
@@ -326,6 +357,14 @@ def run_case(prof, n_users: int, backends, verbose=True) -> list[dict]:
                   f"copy bandwidth {roof['copy_gbps']:.1f} GB/s "
                   f"-> {t_adapters * 1e3:.2f} ms per step at best; merged step {t_merged * 1e3:.2f} ms; "
                   f"ours / merged <= {bound:.2f} when memory-bound")
+    floor = None
+    if "merged_reads" in results and "merged" in results:
+        floor = results["merged_reads"]["decode"] / results["merged"]["decode"]
+        if verbose:
+            read = getattr(gens.get("merged_reads"), "read_bytes", 0) or c.adapter_bytes
+            print(f"  memory floor: merged_reads / merged decode = {floor:.2f} (merged + one read of every user's "
+                  f"adapter bytes per layer, {read / 2**20:.1f} MiB per step, no math): a mixed batch reads at "
+                  f"least that much, so ours / merged stays below it")
     rows = []
     for name, r in results.items():
         row = dict(bench="generate", case=f"users={n_users}", backend=name, kind=_kind(name), users=n_users, batch=B,
@@ -342,6 +381,8 @@ def run_case(prof, n_users: int, backends, verbose=True) -> list[dict]:
                 row[f"ratio_vs_{other}"] = r["decode"] / results[other]["decode"]
         if bound is not None and name == "ours":
             row.update(bandwidth_bound_vs_merged=bound, adapter_bytes=c.adapter_bytes, base_bytes=c.base_bytes)
+        if floor is not None and name == "ours":
+            row.update(memory_floor_vs_merged=floor)
         for (num, den), target in targets.items():
             if num == name and den in results:
                 row[f"e2e_ratio_vs_{den}"] = r["e2e"] / results[den]["e2e"]

@@ -21,7 +21,7 @@ from torch import nn
 
 from pllm_kernels.batch import ForwardContext, PersonalBatch
 from pllm_kernels.modules._wrap import call_inner, make_transparent
-from pllm_kernels.ops.lora import lora_apply
+from pllm_kernels.ops.lora import lora_apply, prepare_lora_apply
 
 __all__ = ["LoRAGroup", "MultiLoRALinear"]
 
@@ -66,7 +66,9 @@ class LoRAGroup:
 
     def __init__(self, buffers):
         self.buffers = buffers  # the store's GroupBuffers (its tensors are replaced when the store moves)
+        self._key = ("group", buffers.name)  # this group's entry in a forward's scratch
         self._validated = None
+        self._prepared = None  # the last call's PreparedLoRA (any thread's: each call checks it fits its own)
         self._members: dict[str, weakref.ref] = {}
 
     def attach(self, name: str, layer: MultiLoRALinear) -> None:
@@ -74,15 +76,21 @@ class LoRAGroup:
         self._members[name] = weakref.ref(layer)
 
     def _layers(self):
-        layers = [self._members.get(m) for m in self.buffers.members]
-        layers = [r() if r is not None else None for r in layers]
-        return None if any(m is None for m in layers) else layers
+        """The members' base layers in slice order, or None while a member is not attached (or gone)."""
+        bases = []
+        for m in self.buffers.members:
+            ref = self._members.get(m)
+            layer = None if ref is None else ref()
+            if layer is None:
+                return None
+            bases.append(layer._modules["base_layer"])
+        return bases
 
     def _validate_key(self, member: str, x2: torch.Tensor, meta):
         if torch.compiler.is_compiling():  # traced: checked in eager before, and data_ptr() would break the graph
             return self._validated, False
         g = self.buffers
-        vkey = (x2.device, x2.dtype, meta.num_slots, meta.k, g.lora_a.data_ptr(), g.lora_a.device)
+        vkey = (x2.get_device(), x2.dtype, meta.num_slots, meta.k, g.lora_a.data_ptr(), g.lora_a.get_device())
         validate = self._validated != vkey
         if validate:
             _check_device(f"{member} (group {g.name})", x2, g.lora_a)
@@ -90,13 +98,12 @@ class LoRAGroup:
 
     def take(self, member: str, x: torch.Tensor, batch: PersonalBatch) -> torch.Tensor | None:
         """``member``'s output computed by the group on this very ``x`` in this forward (handed out once), or None."""
-        key = ("group", self.buffers.name)
-        hit = batch.scratch.get(key)
-        if hit is None or hit[0]() is not x or hit[1] != (tuple(x.shape), x.device) or member not in hit[2]:
+        hit = batch.scratch.get(self._key)
+        if hit is None or hit[0]() is not x or hit[1] != x.shape:
             return None
-        out = hit[2].pop(member)
-        if not hit[2]:
-            batch.scratch.pop(key, None)
+        out = hit[2].pop(member, None)
+        if out is not None and not hit[2]:
+            del batch.scratch[self._key]
         return out
 
     def serve(self, member: str, y: torch.Tensor, x: torch.Tensor, x2: torch.Tensor, batch: PersonalBatch, meta,
@@ -104,19 +111,29 @@ class LoRAGroup:
         """The personalized output of ``member`` whose base output on ``x`` is ``y`` (``x2``: its 2-D view); the
         other members' outputs wait in the batch's scratch for :meth:`take`."""
         g = self.buffers
-        key = ("group", g.name)
         layers = self._layers()
         if layers is None or y.dtype != x2.dtype or not y.is_contiguous():
             return self._serve_alone(member, y, x2, batch, meta, backend, strategy)
-        outs = [y if m == member else call_inner(layers[i].base_layer, x) for i, m in enumerate(g.members)]
-        if any(o.dtype != y.dtype or not o.is_contiguous() for o in outs):
-            return self._serve_alone(member, y, x2, batch, meta, backend, strategy)
-        vkey, validate = self._validate_key(member, x2, meta)
-        lora_apply([o.view(-1, n) for o, n in zip(outs, g.slice_sizes)], x2, g.lora_a, g.lora_b, g.slot_ranks,
-                   g.slot_scales, meta, g.slice_sizes, backend=backend, strategy=strategy, validate=validate)
-        self._validated = vkey
-        waiting = {m: o for m, o in zip(g.members, outs) if m != member}
-        batch.scratch[key] = (weakref.ref(x), (tuple(x.shape), x.device), waiting)
+        members = g.members
+        outs = [y if m == member else call_inner(layers[i], x) for i, m in enumerate(members)]
+        dtype = y.dtype
+        for o in outs:
+            if o.dtype != dtype or not o.is_contiguous():
+                return self._serve_alone(member, y, x2, batch, meta, backend, strategy)
+        T = x2.shape[0]
+        ys = [o.view(T, n) for o, n in zip(outs, g.slice_sizes)]
+        prep = self._prepared
+        if prep is not None and prep.valid(meta, x2, g.lora_a, g.lora_b, g.slot_ranks, g.slot_scales):
+            prep.run(ys, x2)  # a decode step like the last one: its plan, no per-call checks or planning
+        else:
+            vkey, validate = self._validate_key(member, x2, meta)
+            lora_apply(ys, x2, g.lora_a, g.lora_b, g.slot_ranks, g.slot_scales, meta, g.slice_sizes,
+                       backend=backend, strategy=strategy, validate=validate)
+            if validate:
+                self._validated = vkey
+            self._prepared = prepare_lora_apply(x2, g.lora_a, g.lora_b, g.slot_ranks, g.slot_scales, meta,
+                                                g.slice_sizes, backend=backend, strategy=strategy)
+        batch.scratch[self._key] = (weakref.ref(x), x.shape, {m: o for m, o in zip(members, outs) if m != member})
         return y
 
     def _serve_alone(self, member, y, x2, batch, meta, backend, strategy) -> torch.Tensor:
@@ -195,40 +212,51 @@ class MultiLoRALinear(nn.Module):
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         batch = self.lora_context.batch
+        if batch is None or batch.lora is None:
+            return call_inner(self._modules["base_layer"], x, *args, **kwargs)
         group = self.lora_group
-        if group is not None and batch is not None and not args and not kwargs:
+        if group is not None and not args and not kwargs:
             done = group[0].take(group[2], x, batch)  # computed by the group's first member on this very input
             if done is not None:
                 return done
-        y = call_inner(self.base_layer, x, *args, **kwargs)
-        if batch is None or batch.lora is None:
-            return y
         buf = self.lora_buffers
         # A grouped member follows its group's activity so that every member consumes the shared deltas.
-        if batch.lora_slots is not None and not (group[0].buffers if group is not None else buf).active(
-                batch.lora_slots):
-            return y
+        slots = batch.lora_slots
+        if slots is not None:
+            rh = (group[0].buffers if group is not None else buf).ranks_host
+            for s in slots:
+                if rh[s]:
+                    break
+            else:
+                return call_inner(self._modules["base_layer"], x, *args, **kwargs)
+        y = call_inner(self._modules["base_layer"], x, *args, **kwargs)
         meta = batch.lora
-        x2 = x.reshape(-1, self.in_features)
-        if x2.shape[0] != meta.num_tokens:
+        x2 = x.view(-1, self.in_features) if x.is_contiguous() else x.reshape(-1, self.in_features)
+        if x2.shape[0] != meta.token_slots.shape[0]:
             raise RuntimeError(
                 f"MultiLoRALinear: the batch metadata routes {meta.num_tokens} tokens but this layer sees "
                 f"{x2.shape[0]} (was the model called outside the patched forward/generate with other inputs?)"
             )
         if not y.is_contiguous():
             y = y.contiguous()
-        y2 = y.view(-1, self.out_features)
         if x2.dtype != buf.lora_a.dtype:  # slot buffers in another dtype (patch_model(dtype=...), store.to(dtype=))
             x2 = x2.to(buf.lora_a.dtype)
         if group is not None:
             runtime, _i, name = group
             return runtime.serve(name, y, x, x2, batch, meta, self.lora_backend, self.lora_strategy)
+        y2 = y.view(-1, self.out_features)
+        prep = self.__dict__.get("_prepared")
+        if prep is not None and y2.dtype == x2.dtype and prep.valid(meta, x2, buf.lora_a, buf.lora_b, buf.slot_ranks,
+                                                                    buf.slot_scales):
+            prep.run([y2], x2)  # a decode step like the last one: its plan, no per-call checks or planning
+            return y
         # Full argument checks once per (device, dtype, routing layout, buffer placement); after that the per-call
         # checks are skipped (~150 calls per decode step): the store validated the adapters and built the routing.
         if torch.compiler.is_compiling():  # traced: checked in eager before, and data_ptr() would break the graph
             key, validate = self.__dict__.get("_validated"), False
         else:
-            key = (x2.device, x2.dtype, y2.dtype, meta.num_slots, meta.k, buf.lora_a.data_ptr(), buf.lora_a.device)
+            key = (x2.get_device(), x2.dtype, y2.dtype, meta.num_slots, meta.k, buf.lora_a.data_ptr(),
+                   buf.lora_a.get_device())
             validate = self.__dict__.get("_validated") != key
         if validate:
             _check_device(self.lora_name, x2, buf.lora_a)
@@ -237,7 +265,10 @@ class MultiLoRALinear(nn.Module):
                    backend=self.lora_backend, strategy=self.lora_strategy, validate=validate)
         if out is not y2:
             _add_rows(y2, out, _touched(batch, meta))
+        else:
+            self.__dict__["_prepared"] = prepare_lora_apply(x2, buf.lora_a, buf.lora_b, buf.slot_ranks,
+                                                            buf.slot_scales, meta, buf.slice_sizes,
+                                                            backend=self.lora_backend, strategy=self.lora_strategy)
         if validate:
             self.__dict__["_validated"] = key
         return y
-

@@ -20,7 +20,7 @@ from pllm_kernels.ops.meta import LoRAMeta
 from pllm_kernels.torch_ops import lora as torch_lora
 from pllm_kernels.torch_ops.memo import memo
 
-__all__ = ["lora_shrink", "lora_expand", "lora_apply", "shrink_out_shape"]
+__all__ = ["PreparedLoRA", "lora_shrink", "lora_expand", "lora_apply", "prepare_lora_apply", "shrink_out_shape"]
 
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
@@ -157,7 +157,10 @@ def _lora_apply_impl(
     backend: str,
     strategy: str,
 ) -> None:
-    name, impl = _pick(_APPLY, backend, x.device, x.dtype, token_slots.numel())
+    if x.is_cpu and (backend == "auto" or backend == "torch"):  # what the table picks there (per-call fast path)
+        name, impl = "torch", _APPLY.impls["torch"]
+    else:
+        name, impl = _pick(_APPLY, backend, x.device, x.dtype, token_slots.numel())
     if name == "torch":
         impl.fn(y, x, lora_a, lora_b, slot_ranks, slot_scales, token_slots, token_weights, sorted_pairs, slice_sizes,
                 strategy=strategy)
@@ -196,9 +199,12 @@ def _lora_apply_sliced_impl(
     """``lora_apply`` with one output tensor per slice. Backends whose launcher takes per-slice outputs write
     them directly (torch; Triton when ``lora_apply_triton.sliced_outputs``; the CUDA kernels for up to 8 slices);
     otherwise one temporary ``(T, sum(slice_sizes))`` is then added into each output on the touched rows."""
-    name, impl = _pick(_APPLY, backend, x.device, x.dtype, token_slots.numel())
+    if x.is_cpu and (backend == "auto" or backend == "torch"):  # what the table picks there (per-call fast path)
+        name, impl = "torch", _APPLY.impls["torch"]
+    else:
+        name, impl = _pick(_APPLY, backend, x.device, x.dtype, token_slots.numel())
     if name == "torch":
-        impl.fn(list(ys), x, lora_a, lora_b, slot_ranks, slot_scales, token_slots, token_weights, sorted_pairs,
+        impl.fn(ys, x, lora_a, lora_b, slot_ranks, slot_scales, token_slots, token_weights, sorted_pairs,
                 slice_sizes, strategy=strategy)
         return
     if getattr(_launcher(name), "sliced_outputs", False) and (name != "cuda" or len(ys) <= _cuda().MAX_SLICED_OUTPUTS):
@@ -420,12 +426,14 @@ def lora_apply(
     """
     sliced = isinstance(y, (list, tuple))
     if not validate:
-        sizes = list(slice_sizes or ([t.shape[1] for t in y] if sliced else [y.shape[1]]))
+        sizes = slice_sizes or ([t.shape[1] for t in y] if sliced else [y.shape[1]])
+        if not isinstance(sizes, list):
+            sizes = list(sizes)
         if sliced:
             _dispatch(_lora_apply_sliced_op, _lora_apply_sliced_impl,
-                      list(y), x, lora_a, lora_b, slot_ranks, slot_scales, meta.token_slots, meta.token_weights,
-                      meta.sorted_pairs, meta.seg_slot, meta.seg_start, meta.seg_len, sizes, meta.chunk,
-                      backend or default_backend(), strategy)
+                      y if isinstance(y, list) else list(y), x, lora_a, lora_b, slot_ranks, slot_scales,
+                      meta.token_slots, meta.token_weights, meta.sorted_pairs, meta.seg_slot, meta.seg_start,
+                      meta.seg_len, sizes, meta.chunk, backend or default_backend(), strategy)
         else:
             _dispatch(_lora_apply_op, _lora_apply_impl,
                       y, x, lora_a, lora_b, slot_ranks, slot_scales, meta.token_slots, meta.token_weights,
@@ -485,3 +493,49 @@ def lora_apply(
         meta.seg_slot, meta.seg_start, meta.seg_len, sizes, meta.chunk, backend, strategy,
     )
     return y
+
+
+# ------------------------------------------------------------------------------------------- prepared calls
+class PreparedLoRA:
+    """``lora_apply`` bound to one routing and one set of slot buffers, for a caller that makes the same call again
+    and again (a patched layer at every decode step of a request): ``prepared(ys, x)`` does exactly what
+    ``lora_apply(ys, x, lora_a, lora_b, slot_ranks, slot_scales, meta, slice_sizes, validate=False)`` does, in a
+    few BLAS calls and no per-call planning, as long as :meth:`valid` holds for the call's arguments: the same
+    ``meta`` object and buffer tensors, none of them written since (version counters), and an ``x`` of the same
+    dtype and rows on the CPU. Made by :func:`prepare_lora_apply`; ``ys`` is a list of one output per slice."""
+
+    __slots__ = ("meta", "tensors", "versions", "dtype", "rows", "run")
+
+    def __init__(self, meta: LoRAMeta, tensors: tuple, dtype: torch.dtype, rows: int, run):
+        self.meta, self.tensors, self.dtype, self.rows, self.run = meta, tensors, dtype, rows, run
+        self.versions = tuple(t._version for t in tensors)
+
+    def valid(self, meta: LoRAMeta, x: torch.Tensor, lora_a, lora_b, slot_ranks, slot_scales) -> bool:
+        t = self.tensors
+        return (meta is self.meta and x.dtype is self.dtype and x.shape[0] == self.rows and x.is_cpu
+                and lora_a is t[2] and lora_b is t[3] and slot_ranks is t[4] and slot_scales is t[5]
+                and self.versions == (t[0]._version, t[1]._version, t[2]._version, t[3]._version, t[4]._version,
+                                      t[5]._version))
+
+    def __call__(self, ys: list, x: torch.Tensor) -> None:
+        self.run(ys, x)
+
+
+def prepare_lora_apply(x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, slot_ranks: torch.Tensor,
+                       slot_scales: torch.Tensor, meta: LoRAMeta, slice_sizes: Sequence[int],
+                       *, backend: str | None = None, strategy: str = "auto") -> PreparedLoRA | None:
+    """A :class:`PreparedLoRA` for calls like this one, or ``None`` where there is no faster form than
+    :func:`lora_apply` itself: only the torch backend's dense strategy on CPU tensors (decode-sized calls,
+    fp32 / fp64) is prepared, with routing and buffers that have version counters (not made under
+    ``inference_mode``). Arguments as for :func:`lora_apply`, already validated by the caller (e.g. by a first
+    ``lora_apply(..., validate=True)``)."""
+    backend = backend or default_backend()
+    if not x.is_cpu or backend not in ("auto", "torch") or strategy not in ("auto", "dense") \
+            or torch.compiler.is_compiling():
+        return None
+    tensors = (meta.token_slots, meta.token_weights, lora_a, lora_b, slot_ranks, slot_scales)
+    if any(t.is_inference() for t in tensors):
+        return None
+    run = torch_lora.dense_runner(x, lora_a, lora_b, slot_ranks, slot_scales, meta.token_slots,
+                                  meta.token_weights, list(slice_sizes))
+    return None if run is None else PreparedLoRA(meta, tensors, x.dtype, x.shape[0], run)

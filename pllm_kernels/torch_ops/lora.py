@@ -41,7 +41,7 @@ import torch
 from pllm_kernels.reference.lora import slice_offsets
 from pllm_kernels.torch_ops.memo import memo
 
-__all__ = ["STRATEGIES", "lora_apply_torch", "lora_expand_torch", "lora_shrink_torch"]
+__all__ = ["STRATEGIES", "dense_runner", "lora_apply_torch", "lora_expand_torch", "lora_shrink_torch"]
 
 STRATEGIES = ("auto", "gather", "runs", "dense")
 GATHER_MIN_RUNS = 2  # one (k, slot) run: its two matmuls beat gathering a weight copy per token
@@ -393,10 +393,33 @@ def _build_plan(routing, lora_a, bts, slot_ranks, offsets, T, acc) -> _DensePlan
 _PLAN_CACHE: dict = {}
 
 
+def _stamps(ts, tw, la, lb, sr, ss) -> tuple:
+    """(address, version) of the routing and buffer tensors a plan depends on (inline: ~16 calls per step)."""
+    return (ts.data_ptr(), ts._version, tw.data_ptr(), tw._version, la.data_ptr(), la._version, lb.data_ptr(),
+            lb._version, sr.data_ptr(), sr._version, ss.data_ptr(), ss._version)
+
+
 def _dense_plan(x, lora_a, lora_b, slot_ranks, slot_scales, token_slots, token_weights, slice_sizes, force=False):
     """The cached :class:`_DensePlan` of this call, or ``None`` when the dense strategy cannot serve it (dtype not
     fp32 / fp64, buffers without a version counter, a used slot with a non-finite value) or, unless ``force``,
-    would be slow for it (too many tokens times slots, or a sparse slot span)."""
+    would be slow for it (too many tokens times slots, or a sparse slot span).
+
+    A plan is valid while the routing and the buffers are the same tensors with the same contents: checked by
+    (address, version) of each, so a hit costs one tuple compare; routing tensors without a version counter
+    (made under ``inference_mode``) are compared by value (:func:`memo`)."""
+    key = (id(token_slots), id(token_weights), id(lora_a), id(lora_b), id(slot_ranks), id(slot_scales), force)
+    hit = _PLAN_CACHE.get(key)
+    if hit is not None and hit[2] is not None and hit[0] is x.dtype and hit[1] == tuple(slice_sizes):
+        r = hit[2]
+        if r[0]() is token_slots and r[1]() is token_weights and r[2]() is lora_a and r[3]() is lora_b \
+                and r[4]() is slot_ranks and r[5]() is slot_scales \
+                and hit[3] == _stamps(token_slots, token_weights, lora_a, lora_b, slot_ranks, slot_scales):
+            return hit[4]
+    return _dense_plan_slow(key, x, lora_a, lora_b, slot_ranks, slot_scales, token_slots, token_weights, slice_sizes,
+                            force)
+
+
+def _dense_plan_slow(key, x, lora_a, lora_b, slot_ranks, slot_scales, token_slots, token_weights, slice_sizes, force):
     if x.dtype not in (torch.float32, torch.float64) or lora_a.dtype != x.dtype or lora_b.dtype != x.dtype:
         return None
     if not lora_a.is_contiguous() or lora_a.is_inference() or slot_ranks.is_inference() or \
@@ -409,18 +432,29 @@ def _dense_plan(x, lora_a, lora_b, slot_ranks, slot_scales, token_slots, token_w
     if routing is None:
         return None
     sizes = tuple(slice_sizes)
-    key = (id(routing), id(lora_a), id(lora_b), id(slot_ranks), id(slot_scales), sizes, force)
     stamp = (lora_a.data_ptr(), lora_a._version, lora_b.data_ptr(), lora_b._version, slot_ranks.data_ptr(),
              slot_ranks._version, slot_scales.data_ptr(), slot_scales._version)
     hit = _PLAN_CACHE.get(key)
-    if hit is not None and hit[0] is routing and hit[1] == stamp and hit[2]() is lora_a and hit[3]() is lora_b:
+    if hit is not None and hit[5] is routing and hit[6] == stamp and hit[0] is x.dtype and hit[1] == sizes:
         return hit[4]
     plan = _new_plan(routing, lora_a, lora_b, slot_ranks, slot_scales, sizes, T, acc, force)
+    fast = None  # the one-compare check of the next calls: only for routing tensors with a version counter
+    if not token_slots.is_inference() and not token_weights.is_inference():
+        fast = tuple(weakref.ref(t) for t in (token_slots, token_weights, lora_a, lora_b, slot_ranks, slot_scales))
+    stamps = None if fast is None else _stamps(token_slots, token_weights, lora_a, lora_b, slot_ranks, slot_scales)
     with _BT_LOCK:
         if len(_PLAN_CACHE) > 1024:
             _PLAN_CACHE.clear()
-        _PLAN_CACHE[key] = (routing, stamp, weakref.ref(lora_a), weakref.ref(lora_b), plan)
+        _PLAN_CACHE[key] = (x.dtype, sizes, fast, stamps, plan, routing, stamp)
     return plan
+
+
+def dense_runner(x, lora_a, lora_b, slot_ranks, slot_scales, token_slots, token_weights, slice_sizes):
+    """The bound ``run(ys, x)`` of this call's dense plan (``ys``: one output per slice), or ``None`` when the
+    ``auto`` strategy would not take the dense form for it. Valid while every tensor argument is the same object
+    with the same version (the caller checks; see :class:`pllm_kernels.ops.lora.PreparedLoRA`)."""
+    plan = _dense_plan(x, lora_a, lora_b, slot_ranks, slot_scales, token_slots, token_weights, slice_sizes)
+    return None if plan is None else plan.run
 
 
 def _new_plan(routing, lora_a, lora_b, slot_ranks, slot_scales, sizes, T, acc, force):

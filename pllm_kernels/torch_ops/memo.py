@@ -37,9 +37,9 @@ def _stamp(t: torch.Tensor):
 
 
 def _unchanged(snap: torch.Tensor, stamp, t: torch.Tensor) -> bool:
-    if stamp is not None:
+    if stamp is not None:  # same object, storage and version: only shape / dtype could differ (metadata ops)
         return not t.is_inference() and stamp == (t.data_ptr(), t._version) and snap.shape == t.shape \
-            and snap.dtype == t.dtype and snap.device == t.device
+            and snap.dtype == t.dtype
     return _same(snap, t)
 
 

@@ -81,9 +81,34 @@ def test_bench_generate_extra_contenders(tmp_path, monkeypatch, capsys):
         assert float(r[f"target_vs_{den}"]) == target and r[f"pass_vs_{den}"] in ("True", "False"), (num, den)
     assert float(rows["ours_none"]["tokens_eq_base"]) == 1.0 and int(rows["ours_none"]["rows_compared"]) == 4
     assert float(rows["peft_one"]["tokens_eq_peft"]) == 1.0 and int(rows["peft_one"]["rows_compared"]) == 1
+    assert float(rows["merged_reads"]["tokens_eq_peft"]) == 1.0 and int(rows["merged_reads"]["rows_compared"]) == 1
+    assert float(rows["ours"]["memory_floor_vs_merged"]) == pytest.approx(float(rows["merged_reads"]["ratio_vs_merged"]))
     out = capsys.readouterr().out
     assert "ours_none / base decode = " in out and "ours / peft_mixed decode = " in out
+    assert "memory floor: merged_reads / merged decode = " in out
     assert ("PASS" in out) or ("FAIL" in out)
+
+
+def test_bench_generate_base_and_floor_contenders():
+    """``base`` runs unpatched on the patched model's very weight tensors (same memory); ``merged_reads`` reads every
+    user's adapter bytes once per step on top of the merged model and leaves its tokens alone."""
+    prof = BG._profile(SimpleNamespace(smoke=True, gpu=False, profile=None))
+    c = BG.build_contenders(prof, 4, ("base", "ours_none", "merged", "merged_reads"))
+    try:
+        plain = [cell.cell_contents for cell in c.gens["base"].__closure__
+                 if isinstance(cell.cell_contents, torch.nn.Module)][0]
+        patched = dict(c.pm.model.state_dict(keep_vars=True))
+        shared = dict(plain.state_dict(keep_vars=True))
+        assert shared.keys() == patched.keys()
+        assert all(shared[k].data_ptr() == patched[k].data_ptr() for k in shared)
+        assert not any(type(m).__name__ == "MultiLoRALinear" for m in plain.modules())
+        assert c.gens["merged_reads"].read_bytes == c.adapter_bytes  # every user's A and B, all targets
+        kw = BG._gen_kwargs(3)
+        with torch.no_grad():
+            assert torch.equal(c.gens["merged_reads"](c.ids, c.mask, kw), c.gens["merged"](c.ids, c.mask, kw))
+            assert torch.equal(c.gens["base"](c.ids, c.mask, kw), c.gens["ours_none"](c.ids, c.mask, kw))
+    finally:
+        c.close()
 
 
 def test_bench_generate_flags_ours_none_differing_from_base(tmp_path, monkeypatch):

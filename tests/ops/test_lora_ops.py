@@ -384,3 +384,73 @@ def test_dense_one_user_per_row_in_slot_order(unit, sliced, x_noncontig, monkeyp
         assert torch.isfinite(got).all(), "poison reached a row"
         assert_close(got, expected, torch.float32)
     assert taken == [("padded", True)] * 2
+
+
+# ------------------------------------------------------------------------------------------- prepared calls
+def _prepared_case(seed=13, T=6):
+    ranks = (4, 8, 2, 8, 1, 8)[:T]
+    c = make_case(T=T, h_in=40, slice_sizes=(16, 8, 8), ranks=ranks, max_rank=8, slots=torch.arange(T)[:, None],
+                  seed=seed)
+    return c
+
+
+def _expected(c, y0):
+    return lora_apply_ref(y0.double(), c.x.double(), c.lora_a.double(), c.lora_b.double(), c.token_slots,
+                          c.token_weights, c.slot_ranks, c.slot_scales, c.slice_sizes)
+
+
+def _slices(y):
+    return [y[:, 0:16], y[:, 16:24], y[:, 24:32]]
+
+
+def test_prepared_lora_equals_lora_apply_and_follows_writes():
+    """prepare_lora_apply (decode-sized torch call on CPU): the prepared call gives lora_apply's bits; it stays
+    valid for the same meta / buffers / x layout, and stops being valid after any in-place write to a buffer or a
+    routing tensor, or for another meta, dtype or row count (the caller then makes the full call again)."""
+    c = _prepared_case()
+    prep = ops.prepare_lora_apply(c.x, c.lora_a, c.lora_b, c.slot_ranks, c.slot_scales, c.meta, c.slice_sizes)
+    assert isinstance(prep, ops.PreparedLoRA)
+    args = (c.lora_a, c.lora_b, c.slot_ranks, c.slot_scales)
+    assert prep.valid(c.meta, c.x, *args)
+    y0 = c.y.clone()
+    y_prep, y_full = y0.clone(), y0.clone()
+    prep(_slices(y_prep), c.x)
+    ops.lora_apply(_slices(y_full), c.x, *args, c.meta, c.slice_sizes, backend="torch")
+    assert_bitwise_equal(y_prep, y_full)
+    assert_close(y_prep, _expected(c, y0), torch.float32)
+    # not valid for anything else
+    assert not prep.valid(c.meta._replace(), c.x, *args)  # an equal but other meta object
+    assert not prep.valid(c.meta, c.x.double(), *args)
+    assert not prep.valid(c.meta, c.x[:3], *args)
+    assert not prep.valid(c.meta, c.x, c.lora_a.clone(), *args[1:])
+    for write in (lambda: c.lora_b[2].normal_(), lambda: c.lora_a[1].mul_(2), lambda: c.slot_ranks.__setitem__(0, 2),
+                  lambda: c.slot_scales.mul_(1.5), lambda: c.meta.token_weights.mul_(0.5),
+                  lambda: c.meta.token_slots.__setitem__(1, 3)):
+        p = ops.prepare_lora_apply(c.x, *args, c.meta, c.slice_sizes)
+        assert p.valid(c.meta, c.x, *args)
+        write()
+        assert not p.valid(c.meta, c.x, *args), "a write in place left the prepared call valid"
+    # after the writes a new prepared call is right again
+    c.token_slots.copy_(c.meta.token_slots)
+    c.token_weights.copy_(c.meta.token_weights)
+    p = ops.prepare_lora_apply(c.x, *args, c.meta, c.slice_sizes)
+    y = y0.clone()
+    (p or (lambda ys, x: ops.lora_apply(ys, x, *args, c.meta, c.slice_sizes)))(_slices(y), c.x)
+    assert_close(y, _expected(c, y0), torch.float32)
+
+
+def test_prepare_lora_apply_declines_what_it_cannot_serve():
+    """None (the caller keeps lora_apply) for: another backend, a strategy other than auto / dense, fp16, routing
+    or buffers made under inference_mode (no version counter), prefill-sized calls the dense form does not take."""
+    c = _prepared_case()
+    args = (c.x, c.lora_a, c.lora_b, c.slot_ranks, c.slot_scales, c.meta, c.slice_sizes)
+    assert ops.prepare_lora_apply(*args, backend="triton") is None
+    assert ops.prepare_lora_apply(*args, strategy="gather") is None
+    h = [t.half() for t in (c.x, c.lora_a, c.lora_b)]
+    assert ops.prepare_lora_apply(h[0], h[1], h[2], c.slot_ranks, c.slot_scales, c.meta, c.slice_sizes) is None
+    with torch.inference_mode():
+        meta = build_lora_meta(c.token_slots, c.lora_a.shape[0], c.token_weights)
+    assert ops.prepare_lora_apply(c.x, c.lora_a, c.lora_b, c.slot_ranks, c.slot_scales, meta, c.slice_sizes) is None
+    big = make_case(T=400, h_in=64, slice_sizes=(16,), ranks=(8, 4), max_rank=8, seed=4)
+    assert ops.prepare_lora_apply(big.x, big.lora_a, big.lora_b, big.slot_ranks, big.slot_scales, big.meta,
+                                  big.slice_sizes) is None
