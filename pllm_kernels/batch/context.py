@@ -94,7 +94,9 @@ class ForwardContext:
     @property
     def batch(self) -> PersonalBatch | None:
         """The :class:`PersonalBatch` of the innermost forward being run by this thread / task, or ``None``."""
-        if torch.compiler.is_compiling():  # dynamo cannot trace ContextVar.get: see compiled()
+        # dynamo cannot trace ContextVar.get: see compiled() (is_dynamo_compiling: one call, read per layer call;
+        # code run as plain Python while tracing, e.g. non-strict export, reads the same batch from the stack)
+        if torch.compiler.is_dynamo_compiling():
             return self._compiled_batch
         stack = self._stack.get()
         return stack[-1] if stack else None

@@ -9,13 +9,19 @@ from torch.nn.modules import module as _module
 __all__ = ["call_inner", "make_transparent"]
 
 
+# torch's registries of global module hooks: dicts that torch fills and empties in place (bound once: this check
+# runs per wrapped layer and decode step)
+_GLOBAL_HOOKS = (_module._global_forward_hooks, _module._global_forward_pre_hooks, _module._global_backward_hooks,
+                 _module._global_backward_pre_hooks)
+
+
 def call_inner(mod: nn.Module, *args, **kwargs):
     """``mod(*args, **kwargs)``, skipping ``nn.Module.__call__``'s hook machinery when no hook of any kind is
     registered (its overhead, a few microseconds, is paid per wrapped layer and decode step); with any hook the
     full call runs, so hooks (and forwards replaced by accelerate) behave as without the wrapper."""
+    g = _GLOBAL_HOOKS
     if (mod._forward_hooks or mod._forward_pre_hooks or mod._backward_hooks or mod._backward_pre_hooks
-            or _module._global_forward_hooks or _module._global_forward_pre_hooks
-            or _module._global_backward_hooks or _module._global_backward_pre_hooks):
+            or g[0] or g[1] or g[2] or g[3]):
         return mod(*args, **kwargs)
     return mod.forward(*args, **kwargs)
 

@@ -70,21 +70,22 @@ class LoRAGroup:
         self._validated = None
         self._prepared = None  # the last call's PreparedLoRA (any thread's: each call checks it fits its own)
         self._members: dict[str, weakref.ref] = {}
+        self._wrappers = None
 
     def attach(self, name: str, layer: MultiLoRALinear) -> None:
         """Register the patched layer serving member ``name`` (its base layer is run for the group)."""
         self._members[name] = weakref.ref(layer)
+        layers = [self._members.get(m) for m in self.buffers.members]
+        layers = [None if r is None else r() for r in layers]
+        # every member attached: their wrappers in slice order (a reference cycle with them, collected with them)
+        self._wrappers = None if any(w is None for w in layers) else tuple(layers)
 
     def _layers(self):
-        """The members' base layers in slice order, or None while a member is not attached (or gone)."""
-        bases = []
-        for m in self.buffers.members:
-            ref = self._members.get(m)
-            layer = None if ref is None else ref()
-            if layer is None:
-                return None
-            bases.append(layer._modules["base_layer"])
-        return bases
+        """The members' base layers in slice order, or None while a member is not attached."""
+        wrappers = self._wrappers
+        if wrappers is None:
+            return None
+        return [w._modules["base_layer"] for w in wrappers]
 
     def _validate_key(self, member: str, x2: torch.Tensor, meta):
         if torch.compiler.is_compiling():  # traced: checked in eager before, and data_ptr() would break the graph
@@ -99,7 +100,7 @@ class LoRAGroup:
     def take(self, member: str, x: torch.Tensor, batch: PersonalBatch) -> torch.Tensor | None:
         """``member``'s output computed by the group on this very ``x`` in this forward (handed out once), or None."""
         hit = batch.scratch.get(self._key)
-        if hit is None or hit[0]() is not x or hit[1] != x.shape:
+        if hit is None or hit[0] is not x or hit[1] != x.shape:
             return None
         out = hit[2].pop(member, None)
         if out is not None and not hit[2]:
@@ -107,12 +108,13 @@ class LoRAGroup:
         return out
 
     def serve(self, member: str, y: torch.Tensor, x: torch.Tensor, x2: torch.Tensor, batch: PersonalBatch, meta,
-              backend=None, strategy="auto") -> torch.Tensor:
-        """The personalized output of ``member`` whose base output on ``x`` is ``y`` (``x2``: its 2-D view); the
-        other members' outputs wait in the batch's scratch for :meth:`take`."""
+              backend=None, strategy="auto", rows3d: bool = False) -> torch.Tensor:
+        """The personalized output of ``member`` whose base output on ``x`` is ``y`` (contiguous; ``x2``: the 2-D view
+        of ``x``; ``rows3d``: ``x`` is a contiguous ``(B, 1, H)`` decode input); the other members' outputs wait in
+        the batch's scratch for :meth:`take`."""
         g = self.buffers
         layers = self._layers()
-        if layers is None or y.dtype != x2.dtype or not y.is_contiguous():
+        if layers is None or y.dtype != x2.dtype:
             return self._serve_alone(member, y, x2, batch, meta, backend, strategy)
         members = g.members
         outs = [y if m == member else call_inner(layers[i], x) for i, m in enumerate(members)]
@@ -120,12 +122,17 @@ class LoRAGroup:
         for o in outs:
             if o.dtype != dtype or not o.is_contiguous():
                 return self._serve_alone(member, y, x2, batch, meta, backend, strategy)
-        T = x2.shape[0]
-        ys = [o.view(T, n) for o, n in zip(outs, g.slice_sizes)]
         prep = self._prepared
         if prep is not None and prep.valid(meta, x2, g.lora_a, g.lora_b, g.slot_ranks, g.slot_scales):
-            prep.run(ys, x2)  # a decode step like the last one: its plan, no per-call checks or planning
+            # a decode step like the last one: its plan, no per-call checks or planning
+            if rows3d and prep.run_rows is not None:
+                prep.run_rows(outs, x)  # the (B, 1, N) outputs as they are
+            else:
+                T = x2.shape[0]
+                prep.run([o.view(T, n) for o, n in zip(outs, g.slice_sizes)], x2)
         else:
+            T = x2.shape[0]
+            ys = [o.view(T, n) for o, n in zip(outs, g.slice_sizes)]
             vkey, validate = self._validate_key(member, x2, meta)
             lora_apply(ys, x2, g.lora_a, g.lora_b, g.slot_ranks, g.slot_scales, meta, g.slice_sizes,
                        backend=backend, strategy=strategy, validate=validate)
@@ -133,7 +140,8 @@ class LoRAGroup:
                 self._validated = vkey
             self._prepared = prepare_lora_apply(x2, g.lora_a, g.lora_b, g.slot_ranks, g.slot_scales, meta,
                                                 g.slice_sizes, backend=backend, strategy=strategy)
-        batch.scratch[self._key] = (weakref.ref(x), x.shape, {m: o for m, o in zip(members, outs) if m != member})
+        # x itself (not a weak reference): the entry lives as long as the forward's scratch, and an id is never reused
+        batch.scratch[self._key] = (x, x.shape, {m: o for m, o in zip(members, outs) if m != member})
         return y
 
     def _serve_alone(self, member, y, x2, batch, meta, backend, strategy) -> torch.Tensor:
@@ -215,7 +223,7 @@ class MultiLoRALinear(nn.Module):
         if batch is None or batch.lora is None:
             return call_inner(self._modules["base_layer"], x, *args, **kwargs)
         group = self.lora_group
-        if group is not None and not args and not kwargs:
+        if group is not None and not args and not kwargs and group[0]._key in batch.scratch:
             done = group[0].take(group[2], x, batch)  # computed by the group's first member on this very input
             if done is not None:
                 return done
@@ -231,7 +239,8 @@ class MultiLoRALinear(nn.Module):
                 return call_inner(self._modules["base_layer"], x, *args, **kwargs)
         y = call_inner(self._modules["base_layer"], x, *args, **kwargs)
         meta = batch.lora
-        x2 = x.view(-1, self.in_features) if x.is_contiguous() else x.reshape(-1, self.in_features)
+        contiguous = x.is_contiguous()
+        x2 = x.view(-1, self.in_features) if contiguous else x.reshape(-1, self.in_features)
         if x2.shape[0] != meta.token_slots.shape[0]:
             raise RuntimeError(
                 f"MultiLoRALinear: the batch metadata routes {meta.num_tokens} tokens but this layer sees "
@@ -241,14 +250,20 @@ class MultiLoRALinear(nn.Module):
             y = y.contiguous()
         if x2.dtype != buf.lora_a.dtype:  # slot buffers in another dtype (patch_model(dtype=...), store.to(dtype=))
             x2 = x2.to(buf.lora_a.dtype)
+        shape = x.shape
+        rows3d = contiguous and len(shape) == 3 and shape[1] == 1  # a decode step's (B, 1, H) input
         if group is not None:
             runtime, _i, name = group
-            return runtime.serve(name, y, x, x2, batch, meta, self.lora_backend, self.lora_strategy)
+            return runtime.serve(name, y, x, x2, batch, meta, self.lora_backend, self.lora_strategy, rows3d)
         y2 = y.view(-1, self.out_features)
         prep = self.__dict__.get("_prepared")
         if prep is not None and y2.dtype == x2.dtype and prep.valid(meta, x2, buf.lora_a, buf.lora_b, buf.slot_ranks,
                                                                     buf.slot_scales):
-            prep.run([y2], x2)  # a decode step like the last one: its plan, no per-call checks or planning
+            # a decode step like the last one: its plan, no per-call checks or planning
+            if rows3d and prep.run_rows is not None and y.dim() == 3:
+                prep.run_rows([y], x)
+            else:
+                prep.run([y2], x2)
             return y
         # Full argument checks once per (device, dtype, routing layout, buffer placement); after that the per-call
         # checks are skipped (~150 calls per decode step): the store validated the adapters and built the routing.

@@ -504,10 +504,13 @@ class PreparedLoRA:
     ``meta`` object and buffer tensors, none of them written since (version counters), and an ``x`` of the same
     dtype and rows on the CPU. Made by :func:`prepare_lora_apply`; ``ys`` is a list of one output per slice."""
 
-    __slots__ = ("meta", "tensors", "versions", "dtype", "rows", "run")
+    __slots__ = ("meta", "tensors", "versions", "dtype", "rows", "run", "run_rows")
 
-    def __init__(self, meta: LoRAMeta, tensors: tuple, dtype: torch.dtype, rows: int, run):
+    def __init__(self, meta: LoRAMeta, tensors: tuple, dtype: torch.dtype, rows: int, run, run_rows=None):
         self.meta, self.tensors, self.dtype, self.rows, self.run = meta, tensors, dtype, rows, run
+        # decode, row i served by slot lo + i alone: run_rows(outs, x) on (T, 1, N_s) outputs / (T, 1, H) input
+        # (contiguous, of this dtype), the same bits without 2-D views; None for other routings
+        self.run_rows = run_rows
         self.versions = tuple(t._version for t in tensors)
 
     def valid(self, meta: LoRAMeta, x: torch.Tensor, lora_a, lora_b, slot_ranks, slot_scales) -> bool:
@@ -536,6 +539,6 @@ def prepare_lora_apply(x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tens
     tensors = (meta.token_slots, meta.token_weights, lora_a, lora_b, slot_ranks, slot_scales)
     if any(t.is_inference() for t in tensors):
         return None
-    run = torch_lora.dense_runner(x, lora_a, lora_b, slot_ranks, slot_scales, meta.token_slots,
-                                  meta.token_weights, list(slice_sizes))
-    return None if run is None else PreparedLoRA(meta, tensors, x.dtype, x.shape[0], run)
+    run, run_rows = torch_lora.dense_runner(x, lora_a, lora_b, slot_ranks, slot_scales, meta.token_slots,
+                                            meta.token_weights, list(slice_sizes))
+    return None if run is None else PreparedLoRA(meta, tensors, x.dtype, x.shape[0], run, run_rows)

@@ -318,11 +318,25 @@ class _DensePlan:
     """
 
     __slots__ = ("kind", "offsets", "T", "span", "m", "H", "S", "R", "at", "bs", "coef", "mask", "idx", "pos", "tok",
-                 "full", "ident", "all_touched", "touched")
+                 "full", "ident", "all_touched", "touched", "cols")
 
     def split(self, y: torch.Tensor) -> list:
         o = self.offsets
         return [y[:, o[s] : o[s + 1]] for s in range(self.S)] if self.S > 1 else [y]
+
+    def run_rows(self, outs, x: torch.Tensor) -> None:
+        """:meth:`run` for the one-user-per-row decode form (``ident``) on ``(T, 1, N_s)`` outputs and a ``(T, 1, H)``
+        input, contiguous and of the plan's dtype (a decode step's own tensors: no 2-D views to make)."""
+        v = torch.bmm(x, self.at)  # (T, 1, S*R)
+        if self.coef is not None:
+            v.mul_(self.coef)
+        if self.mask is not None:
+            v.masked_fill_(self.mask, 0)
+        if self.S == 1:
+            outs[0].baddbmm_(v, self.bs[0])
+            return
+        for out, cols, b in zip(outs, self.cols, self.bs):
+            out.baddbmm_(v[cols], b)
 
     def run(self, ys, x: torch.Tensor) -> None:
         R = self.R
@@ -366,6 +380,7 @@ def _build_plan(routing, lora_a, bts, slot_ranks, offsets, T, acc) -> _DensePlan
     span = hi - lo
     p = _DensePlan()
     p.offsets, p.T, p.span, p.H, p.S, p.R = offsets, T, span, H, S, R
+    p.cols = tuple((slice(None), slice(None), slice(s * R, (s + 1) * R)) for s in range(S))  # slice s of v
     finite = _all_finite(lora_a)
     a_span = lora_a[lo:hi]
     if T > 2 * padded[0] and T > 1:  # tokens spread over the slots: the batched form skips the others' products
@@ -450,11 +465,16 @@ def _dense_plan_slow(key, x, lora_a, lora_b, slot_ranks, slot_scales, token_slot
 
 
 def dense_runner(x, lora_a, lora_b, slot_ranks, slot_scales, token_slots, token_weights, slice_sizes):
-    """The bound ``run(ys, x)`` of this call's dense plan (``ys``: one output per slice), or ``None`` when the
-    ``auto`` strategy would not take the dense form for it. Valid while every tensor argument is the same object
-    with the same version (the caller checks; see :class:`pllm_kernels.ops.lora.PreparedLoRA`)."""
+    """``(run, run_rows)``: this call's dense plan's bound ``run(ys, x)`` (``ys``: one output per slice) and, for the
+    one-user-per-row decode form, ``run_rows(outs, x)`` on ``(T, 1, N_s)`` / ``(T, 1, H)`` tensors (else None);
+    ``(None, None)`` when the ``auto`` strategy would not take the dense form for it. Valid while every tensor
+    argument is the same object with the same version (the caller checks; see
+    :class:`pllm_kernels.ops.lora.PreparedLoRA`)."""
     plan = _dense_plan(x, lora_a, lora_b, slot_ranks, slot_scales, token_slots, token_weights, slice_sizes)
-    return None if plan is None else plan.run
+    if plan is None:
+        return None, None
+    rows = plan.run_rows if plan.kind == "padded" and plan.ident else None
+    return plan.run, rows
 
 
 def _new_plan(routing, lora_a, lora_b, slot_ranks, slot_scales, sizes, T, acc, force):

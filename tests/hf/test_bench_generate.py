@@ -79,6 +79,8 @@ def test_bench_generate_extra_contenders(tmp_path, monkeypatch, capsys):
         r = rows[num]
         assert float(r[f"ratio_vs_{den}"]) > 0 and float(r[f"e2e_ratio_vs_{den}"]) > 0, (num, den)
         assert float(r[f"target_vs_{den}"]) == target and r[f"pass_vs_{den}"] in ("True", "False"), (num, den)
+        paired = float(r[f"paired_ratio_vs_{den}"])  # judged on the median of the per-round ratios
+        assert paired > 0 and r[f"pass_vs_{den}"] == str(paired >= target), (num, den)
     assert float(rows["ours_none"]["tokens_eq_base"]) == 1.0 and int(rows["ours_none"]["rows_compared"]) == 4
     assert float(rows["peft_one"]["tokens_eq_peft"]) == 1.0 and int(rows["peft_one"]["rows_compared"]) == 1
     assert float(rows["merged_reads"]["tokens_eq_peft"]) == 1.0 and int(rows["merged_reads"]["rows_compared"]) == 1
@@ -127,6 +129,14 @@ def test_bench_generate_flags_ours_none_differing_from_base(tmp_path, monkeypatc
     with open(tmp_path / BG.CSV) as f:
         row = next(r for r in csv.DictReader(f) if r["backend"] == "ours_none")
     assert float(row["tokens_eq_base"]) < 1.0 and row["note"].startswith("error: tokens differ from base")
+
+
+def test_paired_ratio_is_the_median_of_per_round_ratios():
+    # rounds of (time of new tokens, time of 1 token): decode time = the difference
+    num = [(1.0, 0.2), (2.0, 0.4), (1.5, 0.5), (0.3, 0.4)]  # decode 0.8, 1.6, 1.0, (negative: skipped)
+    den = [(0.6, 0.2), (1.2, 0.4), (1.0, 0.5), (1.0, 0.5)]  # decode 0.4, 0.8, 0.5
+    assert BG.paired_ratio(num, den) == pytest.approx(0.5)  # every usable round: num is half as fast
+    assert BG.paired_ratio([(1.0, 1.0)], [(1.0, 0.5)]) is None
 
 
 def test_bench_generate_cpu_issue_profile():

@@ -418,6 +418,11 @@ def test_prepared_lora_equals_lora_apply_and_follows_writes():
     ops.lora_apply(_slices(y_full), c.x, *args, c.meta, c.slice_sizes, backend="torch")
     assert_bitwise_equal(y_prep, y_full)
     assert_close(y_prep, _expected(c, y0), torch.float32)
+    # the one-user-per-row form on (T, 1, N_s) / (T, 1, H) tensors: the same bits
+    assert prep.run_rows is not None
+    outs = [t.clone().unsqueeze(1) for t in _slices(y0)]
+    prep.run_rows(outs, c.x.unsqueeze(1))
+    assert_bitwise_equal(torch.cat([o.squeeze(1) for o in outs], 1), y_full)
     # not valid for anything else
     assert not prep.valid(c.meta._replace(), c.x, *args)  # an equal but other meta object
     assert not prep.valid(c.meta, c.x.double(), *args)
