@@ -122,7 +122,8 @@ class LoRAGroup:
         for o in outs:
             if o.dtype != dtype or not o.is_contiguous():
                 return self._serve_alone(member, y, x2, batch, meta, backend, strategy)
-        prep = self._prepared
+        # the prepared call is eager-only: under dynamo the registered op is traced (its checks read versions)
+        prep = None if torch.compiler.is_dynamo_compiling() else self._prepared
         if prep is not None and prep.valid(meta, x2, g.lora_a, g.lora_b, g.slot_ranks, g.slot_scales):
             # a decode step like the last one: its plan, no per-call checks or planning
             if rows3d and prep.run_rows is not None:
@@ -256,7 +257,7 @@ class MultiLoRALinear(nn.Module):
             runtime, _i, name = group
             return runtime.serve(name, y, x, x2, batch, meta, self.lora_backend, self.lora_strategy, rows3d)
         y2 = y.view(-1, self.out_features)
-        prep = self.__dict__.get("_prepared")
+        prep = None if torch.compiler.is_dynamo_compiling() else self.__dict__.get("_prepared")  # eager-only
         if prep is not None and y2.dtype == x2.dtype and prep.valid(meta, x2, buf.lora_a, buf.lora_b, buf.slot_ranks,
                                                                     buf.slot_scales):
             # a decode step like the last one: its plan, no per-call checks or planning
